@@ -1,0 +1,1 @@
+"""inference_workers package of raee."""

@@ -1,0 +1,1 @@
+"""orchestration package of raee."""
