@@ -1,0 +1,120 @@
+"""The in-process collector (Alg. 3.1) on a tiny llama backbone and a real Milvus Lite database."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from collectors.build import (
+    build_database,
+    build_exit_records,
+    exit_db_meta,
+    exit_sets,
+    subset_indices,
+    variant_collection,
+)
+from milvus.exit_db import ExitDB
+from raee.backbones import Backbone
+from raee.keys import BackboneStateEncoder
+from raee.records import record_ids
+from raee.tasks import Dataset, get_task
+from tests.fixtures_models import SENTENCES, tiny_model
+
+SST2 = get_task("sst2")
+
+
+def pair_dataset(n: int = 30, seed: int = 0) -> Dataset:
+    """n distinct texts ("sentence_i sentence_j") the word-level tokenizer knows, with seeded labels."""
+    texts = tuple(f"{a} {b}" for a, b in itertools.permutations(SENTENCES, 2))[:n]
+    labels = np.random.default_rng(seed).integers(0, 2, size=len(texts))
+    return Dataset(SST2, "train", texts, labels)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_reused():
+    model, tokenizer = tiny_model("llama")
+    return Backbone(model, tokenizer, name="tiny-llama", device="cpu", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def state_encoder_reused(tiny_llama_reused):
+    return BackboneStateEncoder(tiny_llama_reused, layer_idx=2)
+
+
+def test_exit_sets_by_hand():
+    probs = np.array([[[0.6, 0.4], [0.3, 0.7], [0.5, 0.5]]], dtype=np.float32)  # (1, 3 layers, 2 classes)
+    np.testing.assert_allclose(exit_sets(probs, np.array([1])), [[0.0, 0.7, 0.0]])  # a 0.5 tie goes to class 0
+    np.testing.assert_allclose(exit_sets(probs, np.array([0])), [[0.6, 0.0, 0.5]])
+
+
+def test_records_match_layer_probs(tiny_llama_reused, state_encoder_reused, tmp_path):
+    backbone, encoder, data = tiny_llama_reused, state_encoder_reused, pair_dataset(13)
+    batches = list(build_exit_records(backbone, encoder, SST2, data, batch_size=5))
+    assert [len(b) for b in batches] == [5, 5, 3]
+    probs = backbone.layer_probs(list(data.texts), SST2)  # (N, L+1, C)
+    correct = probs.argmax(2) == data.labels[:, None]  # (N, L+1)
+    expected = np.where(correct, probs[np.arange(len(data)), :, data.labels], 0.0)  # (N, L+1), loop-free reference
+    got = np.concatenate([b.exit_probs for b in batches])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_array_equal(got > 0, correct)
+    np.testing.assert_array_equal(np.concatenate([b.ids for b in batches]), record_ids("sst2", "train", np.arange(13)))
+    np.testing.assert_allclose(np.concatenate([b.vectors for b in batches]), encoder.encode(list(data.texts)),
+                               atol=1e-5)
+
+    summary = build_database(backbone, encoder, SST2, db_uri=str(tmp_path / "exit.db"), dataset=data,
+                             batch_size=5, show_progress=False)
+    assert (summary.n_examples, summary.n_records, summary.n_in_db) == (13, 13, 13)
+    assert summary.share_no_correct_layer == pytest.approx(np.mean(~correct.any(1)))
+    assert summary.full_model_accuracy == pytest.approx(np.mean(correct[:, -1]))
+    meta = exit_db_meta(backbone, encoder, SST2)
+    assert summary.collection == variant_collection(meta)
+    with ExitDB(str(tmp_path / "exit.db"), collection=summary.collection, meta=meta) as db:
+        stored = db.get(record_ids("sst2", "train", np.arange(13)))
+    np.testing.assert_allclose(stored.exit_probs, expected, atol=1e-5)
+    np.testing.assert_array_equal(stored.labels, data.labels)
+    assert stored.texts == data.texts
+
+
+def test_rebuild_is_idempotent_and_only_correct_keeps_full_model_hits(tiny_llama_reused, state_encoder_reused,
+                                                                     tmp_path):
+    backbone, encoder, data = tiny_llama_reused, state_encoder_reused, pair_dataset(20)
+    uri = str(tmp_path / "exit.db")
+    first = build_database(backbone, encoder, SST2, db_uri=uri, dataset=data, batch_size=8, show_progress=False)
+    again = build_database(backbone, encoder, SST2, db_uri=uri, dataset=data, batch_size=8, show_progress=False)
+    assert first.n_in_db == again.n_in_db == 20 and again.collection == first.collection
+
+    only = build_database(backbone, encoder, SST2, db_uri=uri, dataset=data, batch_size=8, only_correct=True,
+                          show_progress=False)
+    last_right = np.flatnonzero(backbone.layer_probs(list(data.texts), SST2)[:, -1].argmax(1) == data.labels)
+    assert 0 < len(last_right) < 20, "the seeded labels should leave both kinds of example"
+    assert only.collection == first.collection + "_only_correct"
+    assert only.n_examples == 20 and only.n_records == only.n_in_db == len(last_right)
+    assert only.share_no_correct_layer == first.share_no_correct_layer  # counted over processed examples
+    with ExitDB(uri, collection=only.collection, meta=exit_db_meta(backbone, encoder, SST2)) as db:
+        everything = db.get(record_ids("sst2", "train", np.arange(20)))
+        assert db.count() == len(last_right)
+    np.testing.assert_array_equal(everything.ids, record_ids("sst2", "train", last_right))
+    assert (everything.exit_probs[:, -1] > 0).all()
+
+
+def test_fraction_is_a_seeded_deterministic_subset(tiny_llama_reused, state_encoder_reused, tmp_path):
+    a, b, c = subset_indices(50, 0.2, seed=0), subset_indices(50, 0.2, seed=0), subset_indices(50, 0.2, seed=1)
+    np.testing.assert_array_equal(a, b)
+    assert len(a) == 10 and not np.array_equal(a, c) and (np.diff(a) > 0).all()
+    np.testing.assert_array_equal(subset_indices(7, 1.0), np.arange(7))
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="fraction"):
+            subset_indices(10, bad)
+
+    backbone, encoder, data = tiny_llama_reused, state_encoder_reused, pair_dataset(20)
+    uri = str(tmp_path / "exit.db")
+    summary = build_database(backbone, encoder, SST2, db_uri=uri, dataset=data, fraction=0.25, seed=3,
+                             show_progress=False)
+    assert summary.collection.endswith("_frac0p25_seed3") and summary.n_in_db == 5
+    with ExitDB(uri, collection=summary.collection, meta=exit_db_meta(backbone, encoder, SST2)) as db:
+        stored = db.get(record_ids("sst2", "train", np.arange(20)))
+    picked = subset_indices(20, 0.25, seed=3)
+    np.testing.assert_array_equal(stored.ids, record_ids("sst2", "train", picked))  # ids keep original indices
+    assert stored.texts == tuple(data.texts[i] for i in picked)
