@@ -183,7 +183,7 @@ class Backbone:
             ids = []
             for word in task.label_words(self.style):
                 pieces = self.tokenizer.encode(" " + word, add_special_tokens=False)
-                if len(pieces) != 1:
+                if len(pieces) != 1 or pieces[0] == self.tokenizer.unk_token_id:
                     shown = self.tokenizer.convert_ids_to_tokens(pieces)
                     raise BackboneError(
                         f"label word {word!r} of task {task.name} is {len(pieces)} tokens {shown} for "

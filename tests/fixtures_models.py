@@ -121,3 +121,14 @@ def gemma_backbone_reused(model_cache_dir):
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     return load_backbone("gemma-3-270m", cache_dir=model_cache_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    """The LM-BFF data: $RAEE_DATA_DIR, else the shared folder beside the checkout."""
+    from pathlib import Path
+
+    path = Path(os.environ.get("RAEE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
+    if not (path / "SST-2" / "test.tsv").is_file():
+        pytest.fail(f"LM-BFF data not found at {path}: set RAEE_DATA_DIR")
+    return path
