@@ -1,0 +1,130 @@
+"""Entry point run by `.milvus-server-venv/bin/python -I` to start the PyPI `milvus` 2.3.5 server.
+
+Not imported by raee: this file executes inside the separate server venv, where `import milvus` means
+the PyPI package (the embedded Milvus standalone binary), not this repo's `milvus/` package. `-I`
+(isolated mode) keeps this directory and the working directory off sys.path, which is what makes that
+import resolve to the right package. Started and stopped by `milvus.server.EmbeddedMilvusServer`.
+
+Every role binds its advertised address to 127.0.0.1; the proxy listens on `--port`. The launcher
+prints one JSON line `{"ready": true, "port": ...}` once /healthz answers, then waits for SIGTERM or
+for its parent to die (so a killed test session never leaves a server behind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+
+_ROLES = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dataCoord", "dataNode")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _use_private_etcd_ports(server: object, data_dir: str) -> None:
+    """Give the embedded etcd free loopback ports: its peer port 2380 is fixed in 2.3.5's template,
+    so a second server on the same machine would otherwise fail to start."""
+    client_port, peer_port = _free_port(), _free_port()
+    etcd_yaml = os.path.join(data_dir, "embed-etcd.yaml")
+    os.makedirs(data_dir, exist_ok=True)
+    with open(etcd_yaml, "w", encoding="utf-8") as f:
+        f.write(
+            "name: default\n"
+            f"listen-client-urls: http://127.0.0.1:{client_port}\n"
+            f"advertise-client-urls: http://127.0.0.1:{client_port}\n"
+            f"listen-peer-urls: http://127.0.0.1:{peer_port}\n"
+            f"initial-advertise-peer-urls: http://127.0.0.1:{peer_port}\n"
+            f"initial-cluster: default=http://127.0.0.1:{peer_port}\n"
+        )
+    server.config.configs["etcd_port"] = client_port
+    # The other roles' ports default to fixed numbers (53100, 19529, ...); take free ones so that two
+    # servers (tests and a benchmark) can run side by side.
+    for key in list(server.config_keys):
+        if key.endswith("_port") and key not in ("proxy_port", "etcd_port"):
+            server.config.configs[key] = _free_port()
+    server.webservice_port = _free_port()
+    server.config.template_text = server.config.template_text.replace(
+        "  use:\n    embed: true", f"  config:\n    path: {etcd_yaml}\n  use:\n    embed: true", 1
+    )
+
+
+def _wait_healthy(server: object, timeout_s: float) -> None:
+    """Poll /healthz like MilvusServer.wait_started, but give up as soon as the binary exits."""
+    url = f"http://127.0.0.1:{server.webservice_port}/healthz"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.server_proc.poll() is not None:
+            raise RuntimeError(f"milvus exited with code {server.server_proc.returncode}; see {_logs_dir(server)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if b"OK" in resp.read():
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"milvus not healthy after {timeout_s:.0f} s; see {_logs_dir(server)}")
+
+
+def _logs_dir(server: object) -> str:
+    return os.path.join(server.config.base_data_dir, "logs")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--authorization", action="store_true")
+    parser.add_argument("--start-timeout-s", type=float, default=120.0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a milvus.yaml key of the 2.3.5 template, e.g. proxy.maxTaskNum=2048")
+    args = parser.parse_args()
+
+    from milvus import MilvusServer, MilvusServerConfig  # the PyPI package, thanks to -I
+
+    server = MilvusServer(MilvusServerConfig(), wait_for_started=False)
+    server.set_base_dir(args.data_dir)
+    server.listen_port = args.port
+    _use_private_etcd_ports(server, args.data_dir)
+    for role in _ROLES:
+        server.config.set(f"{role}.ip", "127.0.0.1")
+    for item in args.set:
+        key, _, value = item.partition("=")
+        server.config.set(key, value)
+    if args.authorization:
+        server.config.set("authorization_enabled", True)
+
+    stopping = False
+
+    def _stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    parent = os.getppid()
+    try:
+        server.start()
+        _wait_healthy(server, args.start_timeout_s)
+    except (TimeoutError, RuntimeError) as exc:
+        print(json.dumps({"ready": False, "error": str(exc)}), flush=True)
+        server.stop()
+        return 1
+    print(json.dumps({"ready": True, "port": server.listen_port, "pid": server.server_proc.pid}), flush=True)
+    while not stopping and os.getppid() == parent and server.server_proc.poll() is None:
+        time.sleep(0.2)
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,477 @@
+"""The exit database: one Milvus collection of build-time exit records, guarded by its metadata.
+
+`ExitDB` is a small facade over `pymilvus.MilvusClient` with the collection bound at construction and a
+few verbs (`upsert`, `search`, `count`, `get`, `drop`, `close`). Data comes in as `raee.records.ExitRecords`
+and goes out as `ExitRecords` / `Neighbours` numpy arrays; pymilvus errors are caught only here and re-raised
+as `ExitDBError` naming the operation and the collection.
+
+Decisions (see docs/milvus.md for the long form):
+- One collection per (task, backbone, encoder, template): the collection's properties hold an `ExitDBMeta`
+  and opening it with a different one raises `MetadataMismatchError`, so records never mix silently.
+  `collection_name(meta)` derives a stable name from the meta. No task field or partitions are needed.
+- Distances: the metric defaults to L2 as in the authors' FAISS code. Milvus' L2 is the *squared*
+  Euclidean distance (as FAISS' IndexFlatL2 is). COSINE and IP are similarities and are converted so that
+  smaller is always closer: COSINE -> 1 - cos (in [0, 2]), IP -> -ip (can be negative, so Eq. 5's
+  min_j d_j / d_i ratio is only meaningful for L2 or COSINE).
+- Consistency: reads use Milvus' "Session" level by default, i.e. a handle always sees its own upserts (a
+  build followed by a query in the same process), while other processes read Bounded-stale data without
+  paying Strong's ~200 ms per search on a server. `count()` is always Strong because it is used to check
+  that a build is complete.
+- Milvus Lite (a `*.db` URI, the default) is owned by exactly one process; a second process gets an
+  `ExitDBError` at once. `close()` flushes and releases the Lite lock so another process can open it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import MilvusException
+
+from milvus.index import IndexConfig
+from raee.records import ExitRecords, Neighbours
+
+Metric = Literal["L2", "IP", "COSINE"]
+Consistency = Literal["Session", "Strong", "Bounded", "Eventually"]
+
+META_PROPERTY = "raee.meta"  # collection property holding ExitDBMeta as JSON
+INDEX_PROPERTY = "raee.index"  # the IndexConfig it was built with (Lite's describe_index omits params)
+SCHEMA_VERSION = "1"
+_METRICS = ("L2", "IP", "COSINE")
+_ID, _VECTOR, _PROBS, _LABEL, _TEXT = "id", "vector", "exit_probs", "label", "text"
+_MAX_K = 16384  # Milvus' topk limit
+
+
+class ExitDBError(RuntimeError):
+    """A Milvus operation on the exit database failed; says which operation on which collection."""
+
+    def __init__(self, operation: str, collection: str, detail: str) -> None:
+        super().__init__(f"exit db {operation} on collection {collection!r} failed: {detail}")
+        self.operation = operation
+        self.collection = collection
+
+
+class MetadataMismatchError(ExitDBError):
+    """The collection was built with a different setup (backbone, encoder, task, template, L, dim, metric)."""
+
+    def __init__(self, collection: str, stored: ExitDBMeta, given: ExitDBMeta) -> None:
+        diffs = [
+            f"{f.name}: stored {getattr(stored, f.name)!r} != given {getattr(given, f.name)!r}"
+            for f in fields(ExitDBMeta)
+            if getattr(stored, f.name) != getattr(given, f.name)
+        ]
+        super().__init__(
+            "open",
+            collection,
+            "metadata mismatch, refusing to mix records ("
+            + "; ".join(diffs)
+            + "); use another collection name or rebuild this one",
+        )
+        self.stored = stored
+        self.given = given
+
+
+@dataclass(frozen=True)
+class ExitDBMeta:
+    """The setup a collection was built with; stored in the collection and checked on every open."""
+
+    backbone: str  # model id or path, e.g. "gemma3-270m"
+    encoder: str  # key encoder id, e.g. "all-MiniLM-L6-v2" or "backbone:layer-6"
+    task: str  # e.g. "sst-2"
+    template_hash: str  # hash of the prompt template and label words
+    n_layers: int  # L; records hold L+1 exit probabilities (layer 0 = embeddings)
+    dim: int  # key vector dimension D
+    metric: Metric = "L2"  # L2 = squared Euclidean, see module docstring
+
+    def __post_init__(self) -> None:
+        if self.metric not in _METRICS:
+            raise ValueError(f"metric must be one of {list(_METRICS)}, got {self.metric!r}")
+        if self.n_layers < 1 or self.dim < 1:
+            raise ValueError(f"n_layers and dim must be >= 1, got n_layers={self.n_layers}, dim={self.dim}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ExitDBMeta:
+        return cls(**json.loads(text))
+
+
+def collection_name(meta: ExitDBMeta) -> str:
+    """A stable, Milvus-legal collection name for meta: "raee_<task>_<10 hex of the meta hash>"."""
+    task = re.sub(r"[^0-9a-zA-Z_]", "_", meta.task)[:64]
+    return f"raee_{task}_{hashlib.sha1(meta.to_json().encode()).hexdigest()[:10]}"
+
+
+def is_lite_uri(uri: str) -> bool:
+    """Milvus Lite is selected by pymilvus for a local path ending in `.db`."""
+    return not re.match(r"^[a-z]+://", uri) and uri.endswith(".db")
+
+
+# Milvus Lite serves one database per process from a thread; several ExitDB handles in one process share
+# it, so the lock is released only when the last of them closes.
+_lite_refs: dict[str, int] = {}
+_lite_refs_lock = threading.Lock()
+
+
+class ExitDB:
+    """One collection of exit records on Milvus Lite (`*.db`, default) or a Milvus server (`http://...`).
+
+    Opening creates the collection (schema, index, metadata) if it is missing, otherwise checks its
+    metadata against `meta`. All arguments but `uri` are keyword-only; `index=None` means FLAT for a new
+    collection and "whatever it was built with" for an existing one.
+    """
+
+    def __init__(
+        self,
+        uri: str = "./raee.db",
+        *,
+        collection: str,
+        meta: ExitDBMeta,
+        token: str | None = None,
+        timeout_s: float = 10.0,
+        index: IndexConfig | None = None,
+        consistency: Consistency = "Session",
+        text_max_bytes: int = 2048,
+        batch_rows: int = 1000,
+    ) -> None:
+        if text_max_bytes < 1 or batch_rows < 1:
+            raise ValueError(f"text_max_bytes and batch_rows must be >= 1, got {text_max_bytes}, {batch_rows}")
+        self.uri = uri
+        self.collection = collection
+        self.meta = meta
+        self.timeout_s = timeout_s
+        self.consistency = consistency
+        self.batch_rows = batch_rows
+        self.is_lite = is_lite_uri(uri)
+        self._lite_path = os.path.abspath(uri) if self.is_lite else None
+        self._client = self._connect(token)
+        try:
+            with self._op("open"):
+                if self._client.has_collection(collection, timeout=timeout_s):
+                    self.index, self.text_max_bytes = self._check_existing(index)
+                else:
+                    self.index, self.text_max_bytes = index or IndexConfig(), text_max_bytes
+                    self._create()
+                self._client.load_collection(collection, timeout=max(timeout_s, 60.0))
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- verbs ------------------------------------------------------------------------------------------
+
+    def upsert(self, records: ExitRecords) -> int:
+        """Write records by id (insert or replace), in batches of `batch_rows`; returns the rows written.
+
+        Re-running a build with the same ids leaves `count()` unchanged. Texts longer than
+        `text_max_bytes` UTF-8 bytes are cut at a character boundary.
+        """
+        n = len(records)
+        if n == 0:
+            return 0
+        ids, vectors, probs, labels = self._check_records(records)
+        texts = [_cap_text(t, self.text_max_bytes) for t in records.texts]
+        written = 0
+        for start in range(0, n, self.batch_rows):
+            stop = min(start + self.batch_rows, n)
+            rows = [
+                {_ID: i, _VECTOR: v, _PROBS: p, _LABEL: lab, _TEXT: t}
+                for i, v, p, lab, t in zip(
+                    ids[start:stop].tolist(),
+                    vectors[start:stop].tolist(),
+                    probs[start:stop].tolist(),
+                    labels[start:stop].tolist(),
+                    texts[start:stop],
+                    strict=True,
+                )
+            ]
+            with self._op("upsert"):
+                result = self._client.upsert(self.collection, rows, timeout=self.timeout_s)
+            written += int(result["upsert_count"])
+        return written
+
+    def search(self, vectors: np.ndarray, *, k: int = 12, with_texts: bool = False) -> Neighbours:
+        """Top-k neighbours of every query in ONE round trip: d[i, j] = distance(vectors[i], key of ids[i, j]).
+
+        vectors (N, D) float32 -> Neighbours with (N, K) ids/distances/labels and (N, K, L+1) exit_probs,
+        ascending distance, padded with id -1 / distance +inf where fewer than k records exist.
+        """
+        vectors = self._check_vectors(vectors, "search")
+        if not 1 <= k <= _MAX_K:
+            raise ValueError(f"k must lie in [1, {_MAX_K}], got {k}")
+        n_queries, n_probs = len(vectors), self.meta.n_layers + 1
+        ids = np.full((n_queries, k), -1, dtype=np.int64)
+        distances = np.full((n_queries, k), np.inf, dtype=np.float32)
+        exit_probs = np.zeros((n_queries, k, n_probs), dtype=np.float32)
+        labels = np.full((n_queries, k), -1, dtype=np.int64)
+        texts = [[""] * k for _ in range(n_queries)] if with_texts else None
+        if n_queries:
+            output_fields = [_PROBS, _LABEL, *([_TEXT] if with_texts else [])]
+            with self._op("search"):
+                hits = self._client.search(
+                    self.collection,
+                    data=list(vectors),
+                    limit=k,
+                    output_fields=output_fields,
+                    search_params={"metric_type": self.meta.metric, "params": self.index.search_params(k)},
+                    anns_field=_VECTOR,
+                    consistency_level=self.consistency,
+                    timeout=self.timeout_s,
+                )
+            for q, row in enumerate(hits):  # (N, <=K) dicts: the only per-hit Python loop, unavoidable
+                for j, hit in enumerate(row):
+                    entity = hit["entity"]
+                    ids[q, j] = hit["id"]
+                    distances[q, j] = hit["distance"]
+                    exit_probs[q, j] = entity[_PROBS]
+                    labels[q, j] = entity[_LABEL]
+                    if texts is not None:
+                        texts[q][j] = entity[_TEXT]
+            valid = ids >= 0
+            if self.meta.metric == "COSINE":
+                distances = np.where(valid, 1.0 - distances, np.inf).astype(np.float32)
+            elif self.meta.metric == "IP":
+                distances = np.where(valid, -distances, np.inf).astype(np.float32)
+        return Neighbours(
+            ids=ids,
+            distances=distances,
+            exit_probs=exit_probs,
+            labels=labels,
+            texts=tuple(tuple(row) for row in texts) if texts is not None else None,
+        )
+
+    def count(self) -> int:
+        """Number of records, read with Strong consistency so it includes every acknowledged upsert."""
+        with self._op("count"):
+            res = self._client.query(
+                self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong",
+                timeout=self.timeout_s,
+            )
+        return int(res[0]["count(*)"])
+
+    def get(self, ids: np.ndarray) -> ExitRecords:
+        """The stored records for ids, in the order asked; ids that are not stored are left out."""
+        wanted = np.asarray(ids, dtype=np.int64).reshape(-1)
+        found: dict[int, dict[str, Any]] = {}
+        for start in range(0, len(wanted), self.batch_rows):
+            chunk = wanted[start : start + self.batch_rows].tolist()
+            with self._op("get"):
+                rows = self._client.query(
+                    self.collection,
+                    filter=f"{_ID} in {chunk}",
+                    output_fields=[_ID, _VECTOR, _PROBS, _LABEL, _TEXT],
+                    consistency_level=self.consistency,
+                    timeout=self.timeout_s,
+                )
+            found.update((int(r[_ID]), r) for r in rows)
+        order = [i for i in dict.fromkeys(wanted.tolist()) if i in found]
+        rows = [found[i] for i in order]
+        n_probs = self.meta.n_layers + 1
+        return ExitRecords(
+            ids=np.asarray(order, dtype=np.int64),
+            vectors=np.asarray([r[_VECTOR] for r in rows], dtype=np.float32).reshape(-1, self.meta.dim),
+            exit_probs=np.asarray([r[_PROBS] for r in rows], dtype=np.float32).reshape(-1, n_probs),
+            labels=np.asarray([r[_LABEL] for r in rows], dtype=np.int64),
+            texts=tuple(r[_TEXT] for r in rows),
+        )
+
+    def flush(self, *, wait_index: bool = True, timeout_s: float = 600.0) -> None:
+        """Seal pending writes to storage and, on a server, wait until the vector index covers every row.
+
+        Call once at the end of a build: until then a server searches unsealed rows by brute force.
+        """
+        with self._op("flush"):
+            self._client.flush(self.collection, timeout=timeout_s)
+        if not wait_index or self.is_lite:  # Lite indexes sealed segments in-process
+            return
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = self.index_state()
+            if state["pending_rows"] == 0 and state["indexed_rows"] >= state["total_rows"]:
+                return
+            if time.monotonic() > deadline:
+                raise ExitDBError("flush", self.collection, f"index not built after {timeout_s:.0f} s: {state}")
+            time.sleep(0.5)
+
+    def index_state(self) -> dict[str, Any]:
+        """{"kind", "total_rows", "indexed_rows", "pending_rows", "state"} as Milvus reports them."""
+        with self._op("index_state"):
+            desc = self._client.describe_index(self.collection, index_name=_VECTOR, timeout=self.timeout_s)
+        return {
+            "kind": desc.get("index_type"),
+            "total_rows": int(desc.get("total_rows", 0)),
+            "indexed_rows": int(desc.get("indexed_rows", 0)),
+            "pending_rows": int(desc.get("pending_index_rows", 0)),
+            "state": str(desc.get("state")),
+        }
+
+    def drop(self) -> None:
+        """Delete the collection and all its records; the handle is unusable afterwards."""
+        with self._op("drop"):
+            self._client.drop_collection(self.collection, timeout=self.timeout_s)
+
+    def close(self) -> None:
+        """Release the connection; with Lite, flush and release the database lock when the last handle closes."""
+        client, self._client = getattr(self, "_client", None), None
+        if client is None:
+            return
+        try:
+            if self.is_lite and client.has_collection(self.collection, timeout=self.timeout_s):
+                client.flush(self.collection, timeout=self.timeout_s)
+        except MilvusException:
+            pass  # closing must not fail; acknowledged Lite writes are already in its WAL
+        finally:
+            client.close()
+            if self._lite_path is not None:
+                _release_lite(self._lite_path)
+
+    def __enter__(self) -> ExitDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ExitDB(uri={self.uri!r}, collection={self.collection!r}, index={self.index.kind})"
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+
+    def _op(self, operation: str) -> _Wrap:
+        return _Wrap(operation, self.collection)
+
+    def _connect(self, token: str | None) -> MilvusClient:
+        if self._lite_path is not None:
+            with _lite_refs_lock:
+                _lite_refs[self._lite_path] = _lite_refs.get(self._lite_path, 0) + 1
+        try:
+            return MilvusClient(uri=self.uri, token=token or "", timeout=self.timeout_s)
+        except MilvusException as exc:
+            if self._lite_path is not None:
+                _release_lite(self._lite_path)
+                detail = (
+                    f"cannot open Milvus Lite database {self.uri!r} ({exc}); it is most likely owned by "
+                    "another process: Milvus Lite allows one process per database, use a Milvus server "
+                    "(docker-compose.milvus.yml) for several writers"
+                )
+            else:
+                detail = f"cannot connect to {self.uri!r}: {exc}"
+            raise ExitDBError("open", self.collection, detail) from exc
+
+    def _create(self) -> None:
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field(_ID, DataType.INT64, is_primary=True)
+        schema.add_field(_VECTOR, DataType.FLOAT_VECTOR, dim=self.meta.dim)
+        schema.add_field(_PROBS, DataType.ARRAY, element_type=DataType.FLOAT, max_capacity=self.meta.n_layers + 1)
+        schema.add_field(_LABEL, DataType.INT64)
+        schema.add_field(_TEXT, DataType.VARCHAR, max_length=self.text_max_bytes)
+        index_params = self._client.prepare_index_params()
+        index_params.add_index(
+            field_name=_VECTOR, index_name=_VECTOR, index_type=self.index.kind, metric_type=self.meta.metric,
+            params=self.index.build_params(),
+        )
+        try:  # the index is created with the collection, i.e. before any insert
+            self._client.create_collection(
+                self.collection, schema=schema, index_params=index_params, consistency_level="Bounded",
+                properties={META_PROPERTY: self.meta.to_json(), INDEX_PROPERTY: json.dumps(asdict(self.index)),
+                            "raee.schema": SCHEMA_VERSION},
+                timeout=self.timeout_s,
+            )
+        except MilvusException:
+            if not self._client.has_collection(self.collection, timeout=self.timeout_s):
+                raise
+            self.index, self.text_max_bytes = self._check_existing(self.index)  # another writer won the race
+            return
+        kind = self._client.describe_index(self.collection, index_name=_VECTOR).get("index_type")
+        if kind != self.index.kind:
+            raise ExitDBError("open", self.collection, f"asked for a {self.index.kind} index, Milvus made {kind}")
+
+    def _check_existing(self, index: IndexConfig | None) -> tuple[IndexConfig, int]:
+        desc = self._client.describe_collection(self.collection, timeout=self.timeout_s)
+        properties = desc.get("properties") or {}
+        stored_json = properties.get(META_PROPERTY)
+        if stored_json is None:
+            raise ExitDBError("open", self.collection, f"not an exit database (no {META_PROPERTY!r} property)")
+        stored = ExitDBMeta.from_json(stored_json)
+        if stored != self.meta:
+            raise MetadataMismatchError(self.collection, stored, self.meta)
+        by_name = {f["name"]: f for f in desc["fields"]}
+        text_max_bytes = int(by_name[_TEXT]["params"]["max_length"])
+        idx = self._client.describe_index(self.collection, index_name=_VECTOR, timeout=self.timeout_s)
+        kind = idx.get("index_type")
+        if index is not None and index.kind != kind:
+            raise ExitDBError("open", self.collection, f"built with a {kind} index, opened with {index.kind}")
+        if index is None:
+            built = IndexConfig(**json.loads(properties.get(INDEX_PROPERTY, "{}")))
+            if built.kind != kind:
+                raise ExitDBError("open", self.collection, f"index is {kind} but was created as {built.kind}")
+            index = built
+        return index, text_max_bytes
+
+    def _check_vectors(self, vectors: np.ndarray, operation: str) -> np.ndarray:
+        if not isinstance(vectors, np.ndarray) or vectors.ndim != 2:
+            shape = getattr(vectors, "shape", type(vectors).__name__)
+            raise ValueError(f"{operation}: vectors must be a (N, {self.meta.dim}) numpy array, got {shape}")
+        if vectors.shape[1] != self.meta.dim:
+            raise ValueError(
+                f"{operation}: vectors have dim {vectors.shape[1]} but collection {self.collection!r} "
+                f"holds dim {self.meta.dim} keys (encoder {self.meta.encoder!r})"
+            )
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not np.isfinite(vectors).all():
+            raise ValueError(f"{operation}: vectors contain NaN or inf")
+        return vectors
+
+    def _check_records(self, records: ExitRecords) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        ids = np.asarray(records.ids, dtype=np.int64).reshape(-1)
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("upsert: ids repeat within one batch; an upsert batch must have unique ids")
+        vectors = self._check_vectors(records.vectors, "upsert")
+        probs = np.asarray(records.exit_probs, dtype=np.float32)
+        n_probs = self.meta.n_layers + 1
+        if probs.ndim != 2 or probs.shape[1] != n_probs:
+            raise ValueError(
+                f"upsert: exit_probs must be (N, L+1) = (N, {n_probs}) for {self.meta.n_layers} layers, "
+                f"got {probs.shape}"
+            )
+        labels = np.asarray(records.labels, dtype=np.int64).reshape(-1)
+        return ids, vectors, probs, labels
+
+
+class _Wrap:
+    """Context manager turning pymilvus errors into ExitDBError(operation, collection)."""
+
+    def __init__(self, operation: str, collection: str) -> None:
+        self.operation, self.collection = operation, collection
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, MilvusException):
+            raise ExitDBError(self.operation, self.collection, str(exc)) from exc
+
+
+def _cap_text(text: str, max_bytes: int) -> str:
+    """text cut to at most max_bytes UTF-8 bytes, never inside a character."""
+    data = text.encode("utf-8")
+    return text if len(data) <= max_bytes else data[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def _release_lite(path: str) -> None:
+    with _lite_refs_lock:
+        left = _lite_refs.get(path, 1) - 1
+        if left > 0:
+            _lite_refs[path] = left
+            return
+        _lite_refs.pop(path, None)
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(path)
