@@ -54,10 +54,12 @@ class EmbeddedMilvusServer:
     """
 
     def __init__(self, data_dir: str | Path, *, port: int | None = None, start_timeout_s: float = 120.0,
-                 settings: dict[str, str] | None = None, venv: Path | None = None) -> None:
+                 authorization: bool = False, settings: dict[str, str] | None = None,
+                 venv: Path | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self.start_timeout_s = start_timeout_s
+        self.authorization = authorization  # on: clients need token "root:Milvus" (2.3.5's default root)
         self.settings = dict(settings or {})  # milvus.yaml overrides, "section.key" -> value
         self.python = server_python(venv)
         self._proc: subprocess.Popen[str] | None = None
@@ -79,7 +81,8 @@ class EmbeddedMilvusServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [str(self.python), "-I", str(_MAIN), "--data-dir", str(self.data_dir), "--port", str(self.port),
                "--start-timeout-s", str(self.start_timeout_s),
-               *(arg for key, value in self.settings.items() for arg in ("--set", f"{key}={value}"))]
+               *(arg for key, value in self.settings.items() for arg in ("--set", f"{key}={value}")),
+               *(["--authorization"] if self.authorization else [])]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       cwd=self.data_dir, start_new_session=True)
         deadline = time.monotonic() + self.start_timeout_s + 10

@@ -14,6 +14,7 @@ import pytest
 
 from milvus.exit_db import ExitDB, ExitDBError, ExitDBMeta, MetadataMismatchError, collection_name
 from milvus.index import IndexConfig
+from milvus.server import EmbeddedMilvusServer, MilvusServerUnavailable
 from raee.records import ExitRecords, record_ids
 from tests.fixtures_milvus import TEST_META, make_exit_records
 
@@ -270,3 +271,20 @@ def test_server_two_writers_and_a_reader_at_once(milvus_server_uri: str) -> None
         got = db.get(np.arange(2000))
         np.testing.assert_array_equal(got.ids, np.arange(2000))
         db.drop()
+
+
+@pytest.mark.milvus_server
+def test_server_with_authorization_refuses_a_wrong_token(tmp_path: Path) -> None:
+    server = EmbeddedMilvusServer(tmp_path / "auth-server", authorization=True)
+    try:
+        server.start()
+    except MilvusServerUnavailable as exc:
+        pytest.skip(f"real Milvus server unavailable: {exc}")
+    try:
+        with pytest.raises(ExitDBError, match=r"exit db open on collection 'auth' failed"):
+            ExitDB(server.uri, collection="auth", meta=TEST_META, token="root:wrong-password")
+        with ExitDB(server.uri, collection="auth", meta=TEST_META, token="root:Milvus") as db:
+            db.upsert(make_exit_records(np.arange(10)))
+            assert db.count() == 10
+    finally:
+        server.cleanup()
