@@ -186,6 +186,24 @@ def test_hnsw_index_applies_ef_and_reopens(exit_db_uri: str, exit_db_collection:
         db.drop()
 
 
+def test_lite_flat_search_splits_big_batches_to_bound_memory(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import milvus.exit_db
+
+    with ExitDB(str(tmp_path / "raee.db"), collection="chunked", meta=TEST_META) as db:
+        db.upsert(make_exit_records(np.arange(100)))
+        queries = make_exit_records(np.arange(30)).vectors
+        whole = db.search(queries, k=5)
+        monkeypatch.setattr(milvus.exit_db, "_LITE_SEARCH_BYTES", 100 * TEST_META.dim * 4 * 8)  # 8 queries
+        calls = []
+        real_search = db._client.search
+        monkeypatch.setattr(db._client, "search", lambda *a, **kw: calls.append(kw) or real_search(*a, **kw))
+        split = db.search(queries, k=5)
+        assert [len(c["data"]) for c in calls] == [8, 8, 8, 6]
+        np.testing.assert_array_equal(split.ids, whole.ids)
+        np.testing.assert_allclose(split.distances, whole.distances)
+
+
 # ---- backend-independent checks -------------------------------------------------------------------------
 
 
