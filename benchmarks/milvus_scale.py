@@ -5,7 +5,7 @@
     python benchmarks/milvus_scale.py --backend server --uri http://127.0.0.1:19530 --token root:...
 
 Records look like the real ones: a (D=384) key and L+1 = 19 exit probabilities. Keys are *clustered*
-(Gaussian blobs around random centres, queries drawn from the same blobs but not stored): uniform random
+(overlapping Gaussian blobs around n/100 random centres; queries drawn from the same blobs, not stored): uniform random
 384-d vectors have nearly equal distances to everything, which makes any ANN index look broken. Recall@12
 compares the configured index with exact search (numpy, float64) on the same data. Each backend prints one
 JSON line with the figures and its provenance; never compare numbers across runs or machines.
@@ -32,13 +32,17 @@ from milvus.server import EmbeddedMilvusServer
 from raee.records import ExitRecords
 
 
-def clustered_vectors(n: int, dim: int, n_clusters: int, rng: np.random.Generator, centres: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """(n, dim) float32 points = centre[c] + 0.5 * noise, c uniform over the clusters; returns (points, centres)."""
+def clustered_vectors(n: int, dim: int, n_clusters: int, spread: float, rng: np.random.Generator,
+                      centres: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(n, dim) float32 points = centre[c] + spread * noise, c uniform over the clusters; returns (points, centres).
+
+    centres and noise are standard normal, so spread=1 puts a point as far from its own centre as two centres
+    are from each other: clusters that overlap, as sentence embeddings do, rather than trivially separable ones.
+    """
     if centres is None:
         centres = rng.normal(size=(n_clusters, dim)).astype(np.float32)
     assign = rng.integers(0, len(centres), size=n)
-    return (centres[assign] + 0.5 * rng.normal(size=(n, dim)).astype(np.float32)).astype(np.float32), centres
+    return (centres[assign] + spread * rng.normal(size=(n, dim)).astype(np.float32)).astype(np.float32), centres
 
 
 def exact_top_k(data: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -120,7 +124,8 @@ def provenance(args: argparse.Namespace) -> dict:
                          check=False).stdout.strip()
     return {"git_sha": sha or "unknown", "machine": platform.machine(), "cpus": os.cpu_count(),
             "pymilvus": pymilvus.__version__, "milvus_lite": milvus_lite.__version__, "server": "milvus 2.3.5",
-            "dim": args.dim, "n_layers": args.n_layers, "seed": args.seed, "n_queries": args.n_queries}
+            "dim": args.dim, "n_layers": args.n_layers, "seed": args.seed, "spread": args.spread,
+            "n_queries": args.n_queries}
 
 
 def main() -> None:
@@ -141,13 +146,14 @@ def main() -> None:
     parser.add_argument("--repeats-32", type=int, default=30)
     parser.add_argument("--batch-rows", type=int, default=2000, help="rows per upsert request")
     parser.add_argument("--keep", action="store_true", help="keep the collection afterwards")
+    parser.add_argument("--spread", type=float, default=1.0, help="cluster noise scale (centres are N(0, 1))")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     rng = np.random.default_rng(args.seed)
     n_clusters = max(args.n // 100, 10)
-    data, centres = clustered_vectors(args.n, args.dim, n_clusters, rng)
-    queries, _ = clustered_vectors(args.n_queries, args.dim, n_clusters, rng, centres)
+    data, centres = clustered_vectors(args.n, args.dim, n_clusters, args.spread, rng)
+    queries, _ = clustered_vectors(args.n_queries, args.dim, n_clusters, args.spread, rng, centres)
     truth = exact_top_k(data, queries, args.k)
     prov = provenance(args)
     results = []
