@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from milvus.exit_db import ExitDB, ExitDBMeta, Metric, collection_name
+from milvus.index import IndexConfig
 from raee.backbones import Backbone
 from raee.keys import KeyEncoder
 from raee.records import ExitRecords, record_ids
@@ -152,6 +153,7 @@ def build_database(
     collection: str | None = None,
     metric: Metric = "L2",
     token: str | None = None,
+    index: IndexConfig | None = None,
     batch_size: int = 64,
     show_progress: bool = True,
 ) -> BuildSummary:
@@ -159,7 +161,8 @@ def build_database(
 
     dataset defaults to the task's train split under data_dir; fraction < 1 keeps a seeded random subset
     of it (same seed, same subset, same record ids). collection defaults to `variant_collection(...)`.
-    Rows are upserted batch by batch, so an interrupted build can simply be run again."""
+    Rows are upserted batch by batch, so an interrupted build can simply be run again. index: see
+    milvus/index.py (None: FLAT for a new collection, as built for an existing one)."""
     _check_fraction(fraction)
     dataset = dataset if dataset is not None else load_split(task, "train", data_dir)
     example_idx = subset_indices(len(dataset), fraction, seed)
@@ -168,7 +171,7 @@ def build_database(
     collection = collection or variant_collection(meta, only_correct=only_correct, fraction=fraction, seed=seed)
     start = time.perf_counter()
     n_records = n_no_correct = n_full_correct = 0
-    with ExitDB(db_uri, collection=collection, meta=meta, token=token) as db:
+    with ExitDB(db_uri, collection=collection, meta=meta, token=token, index=index) as db:
         for records, probs in _batches(backbone, encoder, task, subset, split=dataset.split, example_idx=example_idx,
                                        batch_size=batch_size, only_correct=only_correct,
                                        show_progress=show_progress):
