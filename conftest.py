@@ -9,4 +9,4 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = ["tests.fixtures_models", "tests.fixtures_milvus"]
+pytest_plugins = ["tests.fixtures_models", "tests.fixtures_milvus", "tests.fixtures_ray"]

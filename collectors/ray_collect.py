@@ -1,0 +1,369 @@
+"""Paper Algorithm 3.1 on a Ray cluster: a pool of collector actors working through shards of the training data.
+
+Each actor loads the backbone and key encoder once (from a picklable `ModelSpec`) and then runs the same
+per-batch code as the in-process collector (`collectors.build`) on every shard it is given, so the records
+are the same ids and the same values. Where the records go depends on the database:
+
+- Milvus server URI (`http://...`): each actor upserts its own records; the driver only counts.
+- Milvus Lite (`*.db`): one process may own the file, so actors return their records and the driver is the
+  single writer.
+
+Resuming is cheap and safe: record ids are deterministic and writes are upserts, so the driver skips shards
+whose ids are all stored already and any shard may be run twice. A killed actor is restarted by Ray
+(`max_restarts`) and its unfinished shards are retried (`max_task_retries`). At the end the driver checks
+that every collection holds exactly the records this build should have written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+from tqdm.auto import tqdm
+
+from collectors.build import BuildSummary, _batches, _check_fraction, exit_db_meta, subset_indices, variant_collection
+from milvus.exit_db import ExitDB, ExitDBMeta, Metric, is_lite_uri
+from milvus.index import IndexConfig
+from raee.records import ExitRecords, record_ids
+from raee.spec import ModelSpec
+from raee.tasks import Dataset, Task, get_task, load_split
+
+log = logging.getLogger(__name__)
+
+
+class CollectionError(RuntimeError):
+    """A distributed build could not finish: actors unschedulable, a shard out of retries, or a wrong count."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows [start, stop) of one task's (subset) training data."""
+
+    task: str
+    split: str
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __str__(self) -> str:
+        return f"{self.task}[{self.start}:{self.stop}]"
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What an actor hands back for one shard; records only when the driver is the writer (Milvus Lite)."""
+
+    shard: Shard
+    n_records: int  # records kept (fewer than len(shard) with only_correct)
+    n_no_correct: int  # examples no layer classifies correctly
+    n_full_correct: int  # examples the last layer classifies correctly
+    records: ExitRecords | None
+    pid: int  # the actor process that did the work (tests kill it)
+
+
+@dataclass(frozen=True)
+class _ServerTarget:
+    """Where an actor writes directly: a Milvus server collection (never a Lite file)."""
+
+    uri: str
+    token: str | None
+    collection: str
+    meta: ExitDBMeta
+
+
+@dataclass(frozen=True)
+class DistributedBuild:
+    """One `CollectorPool.build`: a BuildSummary per task (as the in-process build returns) and the shard counts."""
+
+    summaries: tuple[BuildSummary, ...]
+    n_actors: int
+    n_shards: int
+    n_shards_skipped: int  # complete in the database before this run (resumed builds)
+    seconds: float
+
+
+class _Collector:
+    """One actor: backbone and encoder loaded once, then any number of shards."""
+
+    def __init__(self, spec: ModelSpec, n_threads: int) -> None:
+        self.backbone, self.encoder = spec.load(n_threads=n_threads)
+        self._dbs: dict[tuple[str, str], ExitDB] = {}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def metas(self, task_names: list[str], metric: Metric) -> list[ExitDBMeta]:
+        return [exit_db_meta(self.backbone, self.encoder, get_task(name), metric=metric) for name in task_names]
+
+    def collect(
+        self,
+        shard: Shard,
+        data: tuple[tuple[str, ...], np.ndarray, np.ndarray],
+        *,
+        only_correct: bool,
+        batch_size: int,
+        target: _ServerTarget | None,
+    ) -> ShardResult:
+        """Records of one shard; upserted here when target is a server, else returned to the driver."""
+        texts, labels, example_idx = data
+        task = get_task(shard.task)
+        part = Dataset(task, shard.split, tuple(texts[shard.start : shard.stop]), labels[shard.start : shard.stop])
+        kept: list[ExitRecords] = []
+        n_no_correct = n_full_correct = 0
+        for records, probs in _batches(self.backbone, self.encoder, task, part, split=shard.split,
+                                       example_idx=example_idx[shard.start : shard.stop], batch_size=batch_size,
+                                       only_correct=only_correct, show_progress=False):
+            kept.append(records)
+            n_no_correct += int((probs == 0).all(axis=1).sum())
+            n_full_correct += int((probs[:, -1] > 0).sum())
+        records = _concat(kept, self.encoder.dim, self.backbone.n_layers)
+        if target is not None:
+            self._db(target).upsert(records)
+        return ShardResult(shard, len(records), n_no_correct, n_full_correct,
+                           None if target is not None else records, os.getpid())
+
+    def _db(self, target: _ServerTarget) -> ExitDB:
+        key = (target.uri, target.collection)
+        if key not in self._dbs:
+            self._dbs[key] = ExitDB(target.uri, collection=target.collection, meta=target.meta, token=target.token)
+        return self._dbs[key]
+
+
+def _concat(parts: list[ExitRecords], dim: int, n_layers: int) -> ExitRecords:
+    if not parts:
+        return ExitRecords(np.zeros(0, np.int64), np.zeros((0, dim), np.float32),
+                           np.zeros((0, n_layers + 1), np.float32), np.zeros(0, np.int64), ())
+    return ExitRecords(
+        ids=np.concatenate([p.ids for p in parts]),
+        vectors=np.concatenate([p.vectors for p in parts]),
+        exit_probs=np.concatenate([p.exit_probs for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        texts=tuple(t for p in parts for t in p.texts),
+    )
+
+
+@dataclass
+class _Plan:
+    """One task's share of a build: its data in the object store, its collection and its shards."""
+
+    task: Task
+    split: str
+    n_examples: int
+    example_idx: np.ndarray  # (n_examples,) index of each example in the full split (record ids)
+    data_ref: ray.ObjectRef
+    collection: str
+    meta: ExitDBMeta
+    shards: list[Shard]
+    db: ExitDB
+    n_records: int = 0
+    n_no_correct: int = 0
+    n_full_correct: int = 0
+
+
+class CollectorPool:
+    """A pool of collector actors on the connected Ray cluster; reuse it for several builds, then `close()`.
+
+    One actor per GPU (num_gpus=1 each) when the cluster has GPUs, else `n_actors` CPU actors (default: one
+    per `cpus_per_actor` of the cluster's CPUs) with one torch thread each. Creating the pool waits (up to
+    ready_timeout_s) until every actor has loaded its models, so an unschedulable pool fails here, clearly.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        n_actors: int | None = None,
+        cpus_per_actor: float = 1.0,
+        n_threads: int = 1,
+        max_restarts: int = 3,
+        max_task_retries: int = 3,
+        ready_timeout_s: float = 600.0,
+    ) -> None:
+        if not ray.is_initialized():
+            raise CollectionError("Ray is not initialised; call ray.init(...) first (or use build_with_ray)")
+        resources = ray.cluster_resources()
+        n_gpus, n_cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+        if n_gpus:
+            n_actors = n_actors or n_gpus
+            options = {"num_gpus": 1, "num_cpus": min(cpus_per_actor, n_cpus / n_actors)}
+        else:
+            n_actors = n_actors or max(1, int(n_cpus // cpus_per_actor))
+            options = {"num_cpus": cpus_per_actor}
+            if n_actors * cpus_per_actor > n_cpus + 1e-9:
+                raise CollectionError(f"{n_actors} actors x {cpus_per_actor} CPUs exceed the cluster's {n_cpus:g} "
+                                      "CPUs; use fewer actors or a smaller cpus_per_actor")
+        self.spec = spec
+        self.uses_gpus = bool(n_gpus)
+        remote = ray.remote(_Collector).options(max_restarts=max_restarts, max_task_retries=max_task_retries,
+                                                **options)
+        self.actors = [remote.remote(spec, n_threads) for _ in range(n_actors)]
+        try:
+            self.pids(timeout_s=ready_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def pids(self, *, timeout_s: float = 600.0) -> list[int]:
+        """Process id of every actor (waits for queued shards: call it between builds)."""
+        refs = [actor.pid.remote() for actor in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if len(ready) < len(refs):
+            raise CollectionError(f"only {len(ready)} of {len(refs)} collector actors started within {timeout_s:g} s "
+                                  f"(cluster resources: {ray.cluster_resources()}); use fewer actors")
+        return ray.get(refs, timeout=timeout_s)
+
+    def build(
+        self,
+        tasks: Sequence[Task | str],
+        *,
+        db_uri: str = "./raee.db",
+        datasets: Mapping[str, Dataset] | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
+        fraction: float = 1.0,
+        seed: int = 0,
+        only_correct: bool = False,
+        metric: Metric = "L2",
+        token: str | None = None,
+        index: IndexConfig | None = None,
+        shard_size: int = 512,
+        batch_size: int = 32,
+        timeout_s: float = 1800.0,
+        show_progress: bool = True,
+        on_shard: Callable[[ShardResult], None] | None = None,
+    ) -> DistributedBuild:
+        """Build (or complete) the exit database of every task's training split with the pool's actors.
+
+        Same collections, ids and values as `collectors.build.build_database` with the same arguments.
+        datasets: {task name: Dataset} to use instead of the train split under data_dir. timeout_s bounds
+        the wait for any one shard. on_shard is called in the driver after each shard is stored."""
+        _check_fraction(fraction)
+        if shard_size < 1 or batch_size < 1:
+            raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
+        task_list = [get_task(t) if isinstance(t, str) else t for t in tasks]
+        start = time.perf_counter()
+        metas = ray.get(self.actors[0].metas.remote([t.name for t in task_list], metric), timeout=timeout_s)
+        plans: list[_Plan] = []
+        try:
+            for task, meta in zip(task_list, metas, strict=True):
+                given = (datasets or {}).get(task.name)
+                plans.append(self._plan(task, meta, given if given is not None else load_split(task, "train", data_dir),
+                                        db_uri=db_uri, fraction=fraction, seed=seed, only_correct=only_correct,
+                                        token=token, index=index, shard_size=shard_size))
+            n_skipped = self._run(plans, db_uri=db_uri, token=token, only_correct=only_correct,
+                                  batch_size=batch_size, timeout_s=timeout_s, show_progress=show_progress,
+                                  on_shard=on_shard)
+            seconds = time.perf_counter() - start
+            summaries = tuple(self._finish(plan, seconds) for plan in plans)
+        finally:
+            for plan in plans:
+                plan.db.close()
+        return DistributedBuild(summaries, len(self.actors), sum(len(p.shards) for p in plans), n_skipped, seconds)
+
+    def close(self) -> None:
+        """Kill the actors (their models go with them)."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+
+    def __enter__(self) -> CollectorPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+
+    def _plan(self, task: Task, meta: ExitDBMeta, dataset: Dataset, *, db_uri: str, fraction: float, seed: int,
+              only_correct: bool, token: str | None, index: IndexConfig | None, shard_size: int) -> _Plan:
+        example_idx = subset_indices(len(dataset), fraction, seed)
+        texts = tuple(dataset.texts[i] for i in example_idx)
+        labels = np.asarray(dataset.labels, dtype=np.int64)[example_idx]
+        collection = variant_collection(meta, only_correct=only_correct, fraction=fraction, seed=seed)
+        db = ExitDB(db_uri, collection=collection, meta=meta, token=token, index=index)  # creates it once, here
+        data_ref = ray.put((texts, labels, example_idx))  # shared by every shard of the task
+        shards = [Shard(task.name, dataset.split, lo, min(lo + shard_size, len(texts)))
+                  for lo in range(0, len(texts), shard_size)]
+        return _Plan(task, dataset.split, len(texts), example_idx, data_ref, collection, meta, shards, db)
+
+    def _run(self, plans: list[_Plan], *, db_uri: str, token: str | None, only_correct: bool, batch_size: int,
+             timeout_s: float, show_progress: bool, on_shard: Callable[[ShardResult], None] | None) -> int:
+        """Submit every unfinished shard round-robin, then store results as they arrive; returns shards skipped."""
+        lite = is_lite_uri(db_uri)
+        pending: dict[ray.ObjectRef, _Plan] = {}
+        n_skipped = n_done_examples = 0
+        for plan in plans:
+            target = None if lite else _ServerTarget(db_uri, token, plan.collection, plan.meta)
+            for shard in plan.shards:
+                if self._complete(plan, shard, plan.example_idx[shard.start : shard.stop]):
+                    n_skipped += 1
+                    n_done_examples += len(shard)
+                    continue
+                actor = self.actors[len(pending) % len(self.actors)]
+                ref = actor.collect.remote(shard, plan.data_ref, only_correct=only_correct, batch_size=batch_size,
+                                           target=target)
+                pending[ref] = plan
+        total = sum(p.n_examples for p in plans)
+        with tqdm(total=total, initial=n_done_examples, disable=not show_progress, unit="ex",
+                  desc=f"build x{len(self.actors)} actors") as bar:
+            waiting = list(pending)
+            while waiting:
+                ready, waiting = ray.wait(waiting, num_returns=1, timeout=timeout_s)
+                if not ready:
+                    raise CollectionError(f"no shard finished within {timeout_s:g} s ({len(waiting)} pending); "
+                                          "re-run to resume, finished shards are kept")
+                plan = pending[ready[0]]
+                try:
+                    result: ShardResult = ray.get(ready[0], timeout=timeout_s)
+                except ray.exceptions.RayError as exc:
+                    raise CollectionError(f"a {plan.task.name} shard failed after its retries ({exc}); "
+                                          "re-run to resume, finished shards are kept") from exc
+                if result.records is not None:
+                    plan.db.upsert(result.records)  # Milvus Lite: the driver is the only writer
+                plan.n_records += result.n_records
+                plan.n_no_correct += result.n_no_correct
+                plan.n_full_correct += result.n_full_correct
+                bar.update(len(result.shard))
+                if on_shard is not None:
+                    on_shard(result)
+        return n_skipped
+
+    @staticmethod
+    def _complete(plan: _Plan, shard: Shard, example_idx: np.ndarray) -> bool:
+        """True when every record of the shard is stored; its statistics then come from the stored rows."""
+        stored = plan.db.get(record_ids(plan.task.name, shard.split, example_idx))
+        if len(stored) < len(shard):
+            return False
+        plan.n_records += len(stored)
+        plan.n_no_correct += int((stored.exit_probs == 0).all(axis=1).sum())
+        plan.n_full_correct += int((stored.exit_probs[:, -1] > 0).sum())
+        return True
+
+    @staticmethod
+    def _finish(plan: _Plan, seconds: float) -> BuildSummary:
+        """Flush, then check the collection holds exactly this build's records."""
+        plan.db.flush()
+        n_in_db = plan.db.count()
+        if n_in_db != plan.n_records:
+            raise CollectionError(
+                f"collection {plan.collection!r} holds {n_in_db} records but this {plan.task.name} build wrote "
+                f"{plan.n_records} for {plan.n_examples} examples; records from another build are mixed in "
+                "(drop the collection or use another database)")
+        n = plan.n_examples
+        log.info("%s: %d records in %s for %d examples", plan.task.name, n_in_db, plan.collection, n)
+        return BuildSummary(
+            collection=plan.collection,
+            n_examples=n,
+            n_records=plan.n_records,
+            n_in_db=n_in_db,
+            share_no_correct_layer=plan.n_no_correct / n if n else 0.0,
+            full_model_accuracy=plan.n_full_correct / n if n else 0.0,
+            seconds=seconds,
+            examples_per_s=n / seconds if seconds > 0 else 0.0,
+        )

@@ -1,0 +1,69 @@
+"""Ray fixtures: ONE local Ray cluster (and at most one Serve instance) per test session, all on 127.0.0.1.
+
+Starting Ray costs ~6 s and Serve ~3 s more on a busy 2-core machine, so both are session-scoped and every
+Ray test shares them. The cluster is always a new local one (`address="local"`): never another user's
+cluster from /tmp/ray. Teardown stops only what this session started (serve.shutdown, ray.shutdown).
+Actors and replicas ask for fractional CPUs so a collector pool and a Serve replica fit in num_cpus=2.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from tests.fixtures_models import tiny_model
+
+RAY_NUM_CPUS = 2
+ACTOR_CPUS = 0.5  # per collector actor / Serve replica: a pool of 2 plus one replica fit in 2 CPUs
+
+
+def tiny_llama_models():
+    """(tiny llama Backbone, BackboneStateEncoder at layer 2): the factory a ModelSpec ships to Ray workers.
+
+    Module-level so it pickles by reference; seeded, so every process builds identical weights."""
+    from raee.backbones import Backbone
+    from raee.keys import BackboneStateEncoder
+
+    model, tokenizer = tiny_model("llama")
+    backbone = Backbone(model, tokenizer, name="tiny-llama", device="cpu", batch_size=8)
+    return backbone, BackboneStateEncoder(backbone, layer_idx=2)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster_reused() -> Iterator[dict]:
+    """A local Ray cluster for the whole session (num_cpus=2, no dashboard); yields ray.init's address info."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps the node on 127.0.0.1
+    if ray.is_initialized():
+        pytest.fail("Ray is already initialised in this process; the session fixture must own it")
+    context = ray.init(address="local", num_cpus=RAY_NUM_CPUS, include_dashboard=False, log_to_driver=False,
+                       configure_logging=False)
+    try:
+        yield context.address_info
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_url_reused(ray_cluster_reused: dict) -> Iterator[str]:
+    """Ray Serve started once on the session cluster, HTTP on 127.0.0.1 and a free port; yields its base URL."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()

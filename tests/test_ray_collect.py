@@ -1,0 +1,163 @@
+"""Distributed collection on a real local Ray cluster: same records as in process, resumable, survives a kill."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from collectors.build import build_database, exit_db_meta
+from collectors.ray_collect import CollectionError, CollectorPool, ShardResult
+from milvus.exit_db import ExitDB
+from raee.records import record_ids
+from raee.spec import ModelSpec
+from raee.tasks import Dataset, get_task
+from tests.fixtures_models import SENTENCES
+from tests.fixtures_ray import ACTOR_CPUS, tiny_llama_models
+
+SST2, TREC = get_task("sst2"), get_task("trec")
+TEXTS = tuple(f"{a} {b}" for a, b in itertools.permutations(SENTENCES, 2))[:40]
+BATCH, SHARD = 4, 8  # 5 shards per task
+
+
+def datasets() -> dict[str, Dataset]:
+    rng = np.random.default_rng(0)
+    return {task.name: Dataset(task, "train", TEXTS, rng.integers(0, task.n_classes, size=len(TEXTS)))
+            for task in (SST2, TREC)}
+
+
+def slow_tiny_llama_models():
+    """tiny_llama_models whose build-time forward sleeps 0.25 s, so a shard is still running when a test kills."""
+    backbone, encoder = tiny_llama_models()
+    layer_probs = backbone.layer_probs
+
+    def slowed(*args, **kwargs):
+        time.sleep(0.25)
+        return layer_probs(*args, **kwargs)
+
+    backbone.layer_probs = slowed
+    return backbone, encoder
+
+
+@pytest.fixture(scope="module")
+def reference_reused(tmp_path_factory):
+    """The in-process collector's records for both tasks: {task name: ExitRecords}, plus the summaries."""
+    backbone, encoder = tiny_llama_models()
+    uri = str(tmp_path_factory.mktemp("reference") / "exit.db")
+    stored, summaries = {}, {}
+    for name, data in datasets().items():
+        task = get_task(name)
+        summaries[name] = build_database(backbone, encoder, task, db_uri=uri, dataset=data, batch_size=BATCH,
+                                         show_progress=False)
+        with ExitDB(uri, collection=summaries[name].collection, meta=exit_db_meta(backbone, encoder, task)) as db:
+            stored[name] = db.get(record_ids(name, "train", np.arange(len(TEXTS))))
+    return stored, summaries
+
+
+@pytest.fixture(scope="module")
+def pool_reused(ray_cluster_reused):
+    """Two CPU collector actors (0.5 CPU, one torch thread each) for the whole module."""
+    with CollectorPool(ModelSpec(factory=slow_tiny_llama_models), n_actors=2, cpus_per_actor=ACTOR_CPUS,
+                       ready_timeout_s=120) as pool:
+        yield pool
+
+
+def assert_same_records(uri: str, reference) -> None:
+    stored_ref, summaries_ref = reference
+    backbone, encoder = tiny_llama_models()
+    for name, want in stored_ref.items():
+        task = get_task(name)
+        with ExitDB(uri, collection=summaries_ref[name].collection, meta=exit_db_meta(backbone, encoder, task)) as db:
+            got = db.get(record_ids(name, "train", np.arange(len(TEXTS))))
+            assert db.count() == len(TEXTS)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_allclose(got.vectors, want.vectors, atol=1e-5)
+        np.testing.assert_allclose(got.exit_probs, want.exit_probs, atol=1e-5)
+        np.testing.assert_array_equal(got.labels, want.labels)
+        assert got.texts == want.texts
+
+
+def test_node_is_on_loopback(ray_cluster_reused):
+    import ray
+
+    assert ray_cluster_reused["node_ip_address"] == "127.0.0.1"
+    assert [node["NodeManagerAddress"] for node in ray.nodes()] == ["127.0.0.1"]
+    assert ray_cluster_reused["gcs_address"].startswith("127.0.0.1:")
+
+
+def test_two_actors_write_the_in_process_records_and_a_rerun_skips_every_shard(pool_reused, reference_reused,
+                                                                               tmp_path):
+    uri = str(tmp_path / "ray.db")
+    first = pool_reused.build(["sst2", "trec"], db_uri=uri, datasets=datasets(), shard_size=SHARD, batch_size=BATCH,
+                              show_progress=False)
+    assert (first.n_actors, first.n_shards, first.n_shards_skipped) == (2, 10, 0)
+    for summary, name in zip(first.summaries, ("sst2", "trec"), strict=True):
+        want = reference_reused[1][name]
+        assert summary.collection == want.collection
+        assert (summary.n_examples, summary.n_records, summary.n_in_db) == (len(TEXTS),) * 3
+        assert summary.share_no_correct_layer == pytest.approx(want.share_no_correct_layer)
+        assert summary.full_model_accuracy == pytest.approx(want.full_model_accuracy)
+    assert_same_records(uri, reference_reused)
+
+    again = pool_reused.build(["sst2", "trec"], db_uri=uri, datasets=datasets(), shard_size=SHARD,
+                              batch_size=BATCH, show_progress=False)
+    assert again.n_shards_skipped == again.n_shards == 10
+    assert [s.n_in_db for s in again.summaries] == [len(TEXTS)] * 2
+    assert [s.full_model_accuracy for s in again.summaries] == [s.full_model_accuracy for s in first.summaries]
+    assert_same_records(uri, reference_reused)
+
+
+def test_killed_actor_is_restarted_and_nothing_is_lost_or_duplicated(pool_reused, reference_reused, tmp_path):
+    uri = str(tmp_path / "ray.db")
+    before = pool_reused.pids(timeout_s=60)
+    seen: list[ShardResult] = []
+
+    def kill_first_worker(result: ShardResult) -> None:  # its next shards are queued or running
+        if not seen:
+            os.kill(result.pid, signal.SIGKILL)
+        seen.append(result)
+
+    build = pool_reused.build(["sst2", "trec"], db_uri=uri, datasets=datasets(), shard_size=SHARD,
+                              batch_size=BATCH, show_progress=False, on_shard=kill_first_worker)
+    killed = seen[0].pid
+    assert sorted(str(r.shard) for r in seen) == sorted({str(r.shard) for r in seen})  # each shard stored once
+    assert len(seen) == build.n_shards == 10
+    assert any(r.pid not in before for r in seen), "no shard ran on a restarted actor: the kill came too late"
+    after = pool_reused.pids(timeout_s=60)
+    assert killed not in after and len(after) == 2
+    assert [s.n_in_db for s in build.summaries] == [len(TEXTS)] * 2
+    assert_same_records(uri, reference_reused)
+
+
+def test_an_unschedulable_pool_is_a_clear_error(ray_cluster_reused):
+    with pytest.raises(CollectionError, match="exceed the cluster's 2 CPUs"):
+        CollectorPool(ModelSpec(factory=tiny_llama_models), n_actors=8, cpus_per_actor=0.5)
+
+
+@pytest.mark.milvus_server
+def test_actors_write_directly_to_a_milvus_server(pool_reused, reference_reused, milvus_server_uri, request):
+    try:  # the session server may run with authorization (tests/fixtures_milvus.py)
+        token = request.getfixturevalue("milvus_server_token")
+    except pytest.FixtureLookupError:
+        token = os.environ.get("RAEE_MILVUS_TOKEN")
+    backbone, encoder = tiny_llama_models()
+    for name in ("sst2", "trec"):  # the server outlives tests: start from empty collections
+        task = get_task(name)
+        with ExitDB(milvus_server_uri, collection=reference_reused[1][name].collection,
+                    meta=exit_db_meta(backbone, encoder, task), token=token) as db:
+            db.drop()
+    build = pool_reused.build(["sst2", "trec"], db_uri=milvus_server_uri, token=token, datasets=datasets(),
+                              shard_size=SHARD, batch_size=BATCH, show_progress=False)
+    assert [s.n_in_db for s in build.summaries] == [len(TEXTS)] * 2
+    stored_ref, summaries_ref = reference_reused
+    for name, want in stored_ref.items():
+        with ExitDB(milvus_server_uri, collection=summaries_ref[name].collection, token=token,
+                    meta=exit_db_meta(backbone, encoder, get_task(name)), consistency="Strong") as db:
+            got = db.get(want.ids)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_allclose(got.exit_probs, want.exit_probs, atol=1e-5)
+        np.testing.assert_allclose(got.vectors, want.vectors, atol=1e-5)
