@@ -123,6 +123,7 @@ def provenance(args: argparse.Namespace) -> dict:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          check=False).stdout.strip()
     return {"git_sha": sha or "unknown", "machine": platform.machine(), "cpus": os.cpu_count(),
+            "loadavg_1m_at_start": round(os.getloadavg()[0], 2),  # other work on the machine skews timings
             "pymilvus": pymilvus.__version__, "milvus_lite": milvus_lite.__version__, "server": "milvus 2.3.5",
             "dim": args.dim, "n_layers": args.n_layers, "seed": args.seed, "spread": args.spread,
             "n_queries": args.n_queries}

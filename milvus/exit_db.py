@@ -301,7 +301,10 @@ class ExitDB:
         """
         with self._op("flush"):
             self._client.flush(self.collection, timeout=timeout_s)
-        if not wait_index or self.is_lite:  # Lite indexes sealed segments in-process
+        if not wait_index:
+            return
+        if self._lite_path is not None:
+            _wait_lite_background(self._lite_path, self.collection, timeout_s)
             return
         deadline = time.monotonic() + timeout_s
         while True:
@@ -481,6 +484,23 @@ def _cap_text(text: str, max_bytes: int) -> str:
     """text cut to at most max_bytes UTF-8 bytes, never inside a character."""
     data = text.encode("utf-8")
     return text if len(data) <= max_bytes else data[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def _wait_lite_background(path: str, collection: str, timeout_s: float) -> None:
+    """Wait for Milvus Lite's background compaction and index build after a flush.
+
+    Lite builds segment indexes on a background thread and its describe_index reports rows as indexed
+    before that finishes, so searches right after a build would silently fall back to brute force and
+    compete with the build. There is no public call for this; it uses Lite 3.2's in-process
+    `Collection._wait_for_bg` and does nothing where that is missing.
+    """
+    from milvus_lite.server_manager import server_manager_instance
+
+    try:
+        _, lite_db, _ = server_manager_instance._servers[path]
+        lite_db.get_collection(collection)._wait_for_bg(timeout=timeout_s)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return
 
 
 def _release_lite(path: str) -> None:

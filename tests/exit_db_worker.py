@@ -1,7 +1,7 @@
 """A separate process that writes or reads an exit database, for the concurrency and crash tests.
 
-python -m tests.exit_db_worker write URI COLLECTION START STOP [--batch 100] [--sleep-s 0]
-python -m tests.exit_db_worker read URI COLLECTION --seconds 3
+python -m tests.exit_db_worker write URI COLLECTION START STOP [--batch 100] [--sleep-s 0] [--token T]
+python -m tests.exit_db_worker read URI COLLECTION --seconds 3 [--token T]
 Prints one line per acknowledged batch ("ok <stop id>") or per search round, then "done".
 """
 
@@ -27,8 +27,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--sleep-s", type=float, default=0.0)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--token", default=None)
     args = parser.parse_args()
-    with ExitDB(args.uri, collection=args.collection, meta=TEST_META, timeout_s=30.0) as db:
+    with ExitDB(args.uri, collection=args.collection, meta=TEST_META, token=args.token, timeout_s=30.0) as db:
         print("open", flush=True)
         if args.mode == "write":
             for lo in range(args.start, args.stop, args.batch):

@@ -34,13 +34,26 @@ def make_exit_records(ids: np.ndarray, meta: ExitDBMeta = TEST_META) -> ExitReco
                        texts=tuple(f"text {i}" for i in ids.tolist()))
 
 
+EMBEDDED_ROOT_TOKEN = "root:Milvus"  # 2.3.5's default root credentials (the session server has auth on)
+
+
+@pytest.fixture(scope="session")
+def milvus_server_token() -> str | None:
+    """Token for `milvus_server_uri`: RAEE_MILVUS_TOKEN with RAEE_MILVUS_URI, else the embedded root's."""
+    return os.environ.get("RAEE_MILVUS_TOKEN") if os.environ.get("RAEE_MILVUS_URI") else EMBEDDED_ROOT_TOKEN
+
+
 @pytest.fixture(scope="session")
 def milvus_server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URI of a real Milvus server for the whole session; skips (with the reason) where none can start."""
+    """URI of a real Milvus server for the whole session; skips (with the reason) where none can start.
+
+    The embedded server runs with authorization on, like docker-compose.milvus.yml, so every server test
+    also exercises the token path.
+    """
     if os.environ.get("RAEE_MILVUS_URI"):
         yield os.environ["RAEE_MILVUS_URI"]
         return
-    server = EmbeddedMilvusServer(tmp_path_factory.mktemp("milvus-server"))
+    server = EmbeddedMilvusServer(tmp_path_factory.mktemp("milvus-server"), authorization=True)
     try:
         server.start()
     except MilvusServerUnavailable as exc:
@@ -66,8 +79,9 @@ def exit_db_uri(exit_db_backend: str, request: pytest.FixtureRequest, tmp_path) 
 
 
 @pytest.fixture
-def exit_db_token() -> str | None:
-    return os.environ.get("RAEE_MILVUS_TOKEN")
+def exit_db_token(exit_db_backend: str, request: pytest.FixtureRequest) -> str | None:
+    """None for Lite, the server's token otherwise."""
+    return None if exit_db_backend == "lite" else request.getfixturevalue("milvus_server_token")
 
 
 @pytest.fixture
