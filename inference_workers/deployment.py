@@ -1,0 +1,320 @@
+"""Ray Serve deployment: an HTTP JSON API over `BatchEngine` (paper Algorithm 3.2), with request batching.
+
+    POST /v1/classify {"task": "sst2", "texts": ["..."], "explain": false}
+         -> {"task", "predictions": [{"label", "label_word", "exit_layer", "probs", "neighbours"?}]}
+    GET  /v1/tasks    the served tasks, their label words and database sizes
+    GET  /healthz     200 once the replica has loaded its models and databases
+    GET  /docs        the OpenAPI page (FastAPI)
+
+A replica is an ordinary class: it loads the backbone, key encoder and one exit database per task in
+`__init__` (several tasks share one backbone), and answers in `classify`. Each text of a request becomes one
+item of `@serve.batch`, so texts from concurrent requests share one engine call: one search per task and
+one mixed-exit forward. Batch limits and request limits live in `user_config`; `reconfigure` applies them
+without a redeploy.
+
+Databases: Milvus Lite (`*.db`) is owned by exactly one process, so with Lite there is exactly one replica
+and it owns the file (`build_app` refuses replicas > 1). With a Milvus server URI every replica connects
+directly and `replicas` scales out.
+"""
+
+
+import asyncio
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import ray
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from inference_workers.engine import BatchEngine, Request, Response
+from milvus.exit_db import ExitDB, ExitDBMeta, Metric, collection_name, is_lite_uri
+from raee.exit_policy import ExitPolicy
+from raee.keys import check_texts
+from raee.spec import ModelSpec
+from raee.tasks import TaskError, get_task
+
+APP_NAME = "raee"
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+
+Policy = Literal["raee", "full"]
+
+
+# ---- HTTP schema ------------------------------------------------------------------------------------------
+
+
+class ClassifyRequest(BaseModel):
+    """Texts of one task to classify."""
+
+    task: str = Field(description="A served task name, e.g. 'sst2' (see GET /v1/tasks).", examples=["sst2"])
+    texts: list[str] = Field(description="Sentences to classify, in order.", examples=[["a gripping film ."]])
+    explain: bool = Field(False, description="Also return the retrieved neighbours that chose each exit layer.")
+    policy: Policy = Field("raee", description="'raee': retrieval-chosen exit layers; 'full': every layer "
+                                               "(the full-model baseline on the same replica).")
+
+
+class NeighbourOut(BaseModel):
+    id: int
+    text: str
+    label: int
+    label_word: str
+    distance: float = Field(description="Smaller is closer (squared L2 for the default metric).")
+
+
+class PredictionOut(BaseModel):
+    label: int
+    label_word: str
+    exit_layer: int = Field(description="Transformer blocks run for this text (0 = embeddings only, L = all).")
+    probs: list[float] = Field(description="Softmax over the task's label words at the exit layer.")
+    neighbours: list[NeighbourOut] | None = None
+
+
+class ClassifyResponse(BaseModel):
+    task: str
+    predictions: list[PredictionOut]
+
+
+class TaskInfo(BaseModel):
+    name: str
+    label_words: list[str]
+    collection: str
+    n_records: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    backbone: str
+    encoder: str
+    n_layers: int
+    tasks: list[str]
+    limits: dict[str, float]
+
+
+# ---- configuration ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What a replica serves: tasks, their exit databases and the exit policy."""
+
+    tasks: tuple[str, ...]
+    db_uri: str = "./raee.db"
+    token: str | None = None
+    k: int = 12
+    tau: float = 0.9
+    metric: Metric = "L2"
+    collections: dict[str, str] = field(default_factory=dict)  # task name -> collection (default: the full db)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request and batching limits (the deployment's user_config, changed live by `reconfigure`)."""
+
+    max_batch_size: int = 32  # texts per engine call, across requests
+    batch_wait_timeout_s: float = 0.01  # how long a partial batch waits for more texts
+    max_texts: int = 64  # texts per request
+    max_text_chars: int = 2000  # characters per text
+
+    def __post_init__(self) -> None:
+        if min(self.max_batch_size, self.max_texts, self.max_text_chars) < 1 or self.batch_wait_timeout_s < 0:
+            raise ValueError(f"limits must be positive, got {self}")
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One text of a request: the unit @serve.batch collects."""
+
+    text: str
+    task: str
+    explain: bool
+    policy: Policy
+
+
+def _prediction(response: Response, explain: bool) -> PredictionOut:
+    # Defined before RaeeServer: @serve.ingress captures the class with the globals that exist at that point.
+    neighbours = None
+    if explain and response.neighbours is not None:
+        neighbours = [NeighbourOut(id=n.id, text=n.text, label=n.label, label_word=n.label_word,
+                                   distance=n.distance) for n in response.neighbours]
+    return PredictionOut(label=response.label, label_word=response.label_word, exit_layer=response.exit_layer,
+                         probs=list(response.probs), neighbours=neighbours)
+
+
+app = FastAPI(
+    title="raee",
+    description="Retrieval-augmented early exit: classify texts with an exit layer chosen from similar "
+                "training examples.",
+    version="0.1.0",
+)
+
+
+@serve.deployment(max_ongoing_requests=64, max_constructor_retry_count=2, graceful_shutdown_timeout_s=10)
+@serve.ingress(app)
+class RaeeServer:
+    """One replica: backbone, key encoder and exit databases loaded once; texts batched across requests."""
+
+    def __init__(self, spec: ModelSpec, config: ServeConfig, n_threads: int | None = 1) -> None:
+        backbone, encoder = spec.load(n_threads=n_threads)
+        self.config = config
+        self.limits = Limits()
+        self.dbs: dict[str, ExitDB] = {}
+        try:
+            for name in config.tasks:
+                task = get_task(name)
+                meta = ExitDBMeta(backbone=backbone.name, encoder=encoder.name, task=task.name,
+                                  template_hash=task.template_hash(backbone.style), n_layers=backbone.n_layers,
+                                  dim=encoder.dim, metric=config.metric)
+                collection = config.collections.get(task.name) or collection_name(meta)
+                db = ExitDB(config.db_uri, collection=collection, meta=meta, token=config.token)
+                self.dbs[task.name] = db
+                if db.count() == 0:
+                    raise RuntimeError(f"no exit database for task {task.name} in {config.db_uri} (collection "
+                                       f"{collection!r} is empty); build it first: raee build --task {task.name}")
+        except BaseException:
+            self._close()
+            raise
+        self.engine = BatchEngine(backbone, encoder, self.dbs, ExitPolicy(tau=config.tau, k=config.k))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply new limits (user_config keys are Limits' fields) without reloading anything."""
+        self.limits = Limits(**user_config)
+        self._classify_batch.set_max_batch_size(self.limits.max_batch_size)
+        self._classify_batch.set_batch_wait_timeout_s(self.limits.batch_wait_timeout_s)
+
+    @app.get("/healthz")
+    def healthz(self) -> Health:
+        """Liveness and what this replica serves."""
+        backbone = self.engine.backbone
+        return Health(backbone=backbone.name, encoder=self.engine.encoder.name, n_layers=backbone.n_layers,
+                      tasks=list(self.dbs), limits={k: float(v) for k, v in self.limits.__dict__.items()})
+
+    @app.get("/v1/tasks")
+    def tasks(self) -> list[TaskInfo]:
+        """The served tasks with their label words and exit-database sizes."""
+        style = self.engine.backbone.style
+        return [TaskInfo(name=name, label_words=list(get_task(name).label_words(style)), collection=db.collection,
+                         n_records=db.count()) for name, db in self.dbs.items()]
+
+    @app.post("/v1/classify")
+    async def classify(self, body: ClassifyRequest) -> ClassifyResponse:
+        """Classify texts of one task; 4xx with a one-line `detail` when the request cannot be served."""
+        task_name = self._check(body)
+        items = [_Item(text, task_name, body.explain, body.policy) for text in body.texts]
+        answers = await asyncio.gather(*(self._classify_batch(item) for item in items))
+        return ClassifyResponse(task=task_name, predictions=[_prediction(a, body.explain) for a in answers])
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _classify_batch(self, items: list[_Item]) -> list[Response]:
+        # The engine is blocking torch code: run it off the event loop so new requests keep queueing.
+        return await asyncio.to_thread(self._run, items)
+
+    def _run(self, items: Sequence[_Item]) -> list[Response]:
+        """RAEE items through the engine (one search per task), full-model items at layer L; order kept."""
+        out: list[Response | None] = [None] * len(items)
+        raee = [i for i, item in enumerate(items) if item.policy == "raee"]
+        for i, response in zip(raee, self.engine.run([Request(items[i].text, items[i].task, items[i].explain)
+                                                      for i in raee]), strict=True):
+            out[i] = response
+        backbone = self.engine.backbone
+        for task_name in {item.task for item in items if item.policy == "full"}:
+            idx = [i for i, item in enumerate(items) if item.policy == "full" and item.task == task_name]
+            task = get_task(task_name)
+            preds = backbone.predict([items[i].text for i in idx], task, backbone.n_layers)
+            words = task.label_words(backbone.style)
+            for row, i in enumerate(idx):
+                label = int(preds.labels[row])
+                out[i] = Response(label, words[label], int(preds.exit_layers[row]),
+                                  tuple(float(p) for p in preds.probs[row]))
+        return [r for r in out if r is not None]
+
+    def _check(self, body: ClassifyRequest) -> str:
+        """The served task's name, or HTTPException: 404 unknown task, 422 empty input, 413 too much input."""
+        try:
+            name = get_task(body.task).name
+        except TaskError as exc:
+            raise HTTPException(404, f"{exc}; this server serves: {', '.join(self.dbs)}") from exc
+        if name not in self.dbs:
+            raise HTTPException(404, f"task {name!r} is not served here; this server serves: {', '.join(self.dbs)}")
+        limits = self.limits
+        if not body.texts:
+            raise HTTPException(422, f"texts is empty; send 1 to {limits.max_texts} texts")
+        if len(body.texts) > limits.max_texts:
+            raise HTTPException(413, f"too many texts: {len(body.texts)} > {limits.max_texts} per request; "
+                                     "split the request")
+        try:
+            check_texts(body.texts)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        for i, text in enumerate(body.texts):
+            if len(text) > limits.max_text_chars:
+                raise HTTPException(413, f"text {i} has {len(text)} characters, more than the limit of "
+                                         f"{limits.max_text_chars}")
+        return name
+
+    def _close(self) -> None:
+        for db in self.dbs.values():
+            db.close()
+
+    def __del__(self) -> None:
+        self._close()  # releases a Milvus Lite file for the next owner
+
+
+# ---- building and running ---------------------------------------------------------------------------------
+
+
+def build_app(
+    spec: ModelSpec,
+    config: ServeConfig,
+    *,
+    replicas: int = 1,
+    num_gpus: float | None = None,
+    cpus_per_replica: float = 1.0,
+    n_threads: int | None = 1,
+    limits: Limits | None = None,
+) -> serve.Application:
+    """The bound application: `replicas` copies of RaeeServer, each with its own models (and GPU, if any).
+
+    num_gpus None: 1 per replica when the connected cluster has GPUs, else 0. Milvus Lite allows one replica."""
+    if replicas < 1:
+        raise ValueError(f"replicas must be >= 1, got {replicas}")
+    if replicas > 1 and is_lite_uri(config.db_uri):
+        raise ValueError(f"Milvus Lite database {config.db_uri!r} can be owned by one process only, so it serves "
+                         f"one replica, not {replicas}; for more replicas use a Milvus server "
+                         "(docker compose -f docker-compose.milvus.yml up -d; --db http://127.0.0.1:19530)")
+    if not config.tasks:
+        raise ValueError("no tasks to serve; pass at least one task")
+    for name in config.tasks:
+        get_task(name)  # unknown names fail here, not in a replica
+    if is_lite_uri(config.db_uri):  # replicas run in another working directory
+        config = replace(config, db_uri=os.path.abspath(config.db_uri))
+    if num_gpus is None:
+        num_gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    limits = limits or Limits()
+    deployment = RaeeServer.options(num_replicas=replicas, user_config=dict(limits.__dict__),
+                                    max_ongoing_requests=max(64, limits.max_batch_size),
+                                    ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": num_gpus})
+    return deployment.bind(spec, config, n_threads)
+
+
+def start_http(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str:
+    """Start Ray Serve's HTTP proxy on host:port (loopback by default) on the connected cluster; its base URL."""
+    serve.start(http_options={"host": host, "port": port})
+    return f"http://{host}:{port}"
+
+
+def run_app(application: serve.Application, *, name: str = APP_NAME) -> DeploymentHandle:
+    """Deploy (or update in place) the application at route "/"; returns once every replica is ready."""
+    return serve.run(application, name=name, route_prefix="/")
+
+
+def delete_app(name: str = APP_NAME) -> None:
+    """Remove the application; its replicas exit and release their databases."""
+    serve.delete(name)
+
+
+def shutdown() -> None:
+    """Stop Serve (proxy, controller and every application) on the connected cluster."""
+    serve.shutdown()

@@ -1,0 +1,145 @@
+"""Ray Serve over real HTTP on 127.0.0.1: same answers as the in-process engine, 4xx for bad input, still serving."""
+
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from collectors.build import build_database, exit_db_meta
+from inference_workers.deployment import Limits, ServeConfig, build_app, delete_app, run_app
+from inference_workers.engine import BatchEngine
+from milvus.exit_db import ExitDB
+from raee.exit_policy import ExitPolicy
+from raee.spec import ModelSpec
+from raee.tasks import Dataset, get_task
+from tests.fixtures_models import SENTENCES
+from tests.fixtures_ray import ACTOR_CPUS, tiny_llama_models
+
+pytestmark = pytest.mark.serve
+
+SST2, TREC = get_task("sst2"), get_task("trec")
+TRAIN_TEXTS = tuple(f"{a} {b}" for a, b in itertools.permutations(SENTENCES, 2))  # 56 distinct texts
+QUERIES = [*SENTENCES, "the acting is great", "What is the plot ?"]
+POLICY = ExitPolicy(tau=0.6, k=5)
+LIMITS = Limits(max_batch_size=16, batch_wait_timeout_s=0.02, max_texts=10, max_text_chars=200)
+APP = "raee-test"
+TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def served_reused(tmp_path_factory, serve_url_reused):
+    """(base URL, in-process answers {task: [Response]}, explain answers for sst2) with the app deployed on Lite."""
+    backbone, encoder = tiny_llama_models()
+    uri = str(tmp_path_factory.mktemp("serve") / "exit.db")
+    rng = np.random.default_rng(0)
+    expected, explained = {}, None
+    for task in (SST2, TREC):
+        data = Dataset(task, "train", TRAIN_TEXTS, rng.integers(0, task.n_classes, size=len(TRAIN_TEXTS)))
+        summary = build_database(backbone, encoder, task, db_uri=uri, dataset=data, batch_size=16,
+                                 show_progress=False)
+        with ExitDB(uri, collection=summary.collection, meta=exit_db_meta(backbone, encoder, task)) as db:
+            engine = BatchEngine(backbone, encoder, {task.name: db}, POLICY)
+            expected[task.name] = engine.classify(QUERIES, task)
+            if task is SST2:
+                explained = engine.classify(QUERIES[:2], task, explain=True)
+    # The driver has closed the Lite file: the replica becomes its one owner.
+    config = ServeConfig(tasks=("sst2", "trec"), db_uri=uri, k=POLICY.k, tau=POLICY.tau)
+    run_app(build_app(ModelSpec(factory=tiny_llama_models), config, cpus_per_replica=ACTOR_CPUS, limits=LIMITS),
+            name=APP)
+    yield serve_url_reused, expected, explained
+    delete_app(APP)
+
+
+def classify(url: str, **body) -> requests.Response:
+    return requests.post(f"{url}/v1/classify", json=body, timeout=TIMEOUT_S)
+
+
+def assert_matches(predictions: list[dict], expected) -> None:
+    assert len(predictions) == len(expected)
+    for got, want in zip(predictions, expected, strict=True):
+        assert (got["label"], got["label_word"], got["exit_layer"]) == (want.label, want.label_word, want.exit_layer)
+        np.testing.assert_allclose(got["probs"], want.probs, atol=1e-5)
+
+
+def test_http_answers_equal_the_in_process_engine(served_reused):
+    url, expected, explained = served_reused
+    for task in ("sst2", "trec"):
+        reply = classify(url, task=task, texts=QUERIES)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["task"] == task
+        assert_matches(reply.json()["predictions"], expected[task])
+        assert all(p["neighbours"] is None for p in reply.json()["predictions"])
+
+    reply = classify(url, task="SST-2", texts=QUERIES[:2], explain=True)  # task names are forgiving
+    assert reply.status_code == 200, reply.text
+    for got, want in zip(reply.json()["predictions"], explained, strict=True):
+        assert [n["id"] for n in got["neighbours"]] == [n.id for n in want.neighbours]
+        assert [n["text"] for n in got["neighbours"]] == [n.text for n in want.neighbours]
+        assert [n["label"] for n in got["neighbours"]] == [n.label for n in want.neighbours]
+        np.testing.assert_allclose([n["distance"] for n in got["neighbours"]],
+                                   [n.distance for n in want.neighbours], rtol=1e-4, atol=1e-6)
+
+
+def test_concurrent_clients_are_batched_and_each_gets_its_own_answers(served_reused):
+    url, expected, _ = served_reused
+    jobs = [("sst2" if i % 2 else "trec", QUERIES[i % 5 : i % 5 + 3]) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda job: classify(url, task=job[0], texts=job[1]), jobs))
+    for (task, texts), reply in zip(jobs, replies, strict=True):
+        assert reply.status_code == 200, reply.text
+        start = QUERIES.index(texts[0])
+        assert_matches(reply.json()["predictions"], expected[task][start : start + len(texts)])
+
+
+def test_full_policy_runs_every_layer(served_reused):
+    url, _, _ = served_reused
+    backbone, _ = tiny_llama_models()
+    reply = classify(url, task="sst2", texts=QUERIES, policy="full")
+    assert reply.status_code == 200, reply.text
+    preds = backbone.predict(QUERIES, SST2, backbone.n_layers)
+    got = reply.json()["predictions"]
+    assert [p["exit_layer"] for p in got] == [backbone.n_layers] * len(QUERIES)
+    assert [p["label"] for p in got] == preds.labels.tolist()
+    np.testing.assert_allclose([p["probs"] for p in got], preds.probs, atol=1e-5)
+
+
+def test_health_tasks_and_openapi(served_reused):
+    url, _, _ = served_reused
+    health = requests.get(f"{url}/healthz", timeout=TIMEOUT_S).json()
+    assert health["status"] == "ok" and health["tasks"] == ["sst2", "trec"] and health["n_layers"] == 4
+    assert health["limits"]["max_texts"] == LIMITS.max_texts  # user_config reached reconfigure
+    tasks = requests.get(f"{url}/v1/tasks", timeout=TIMEOUT_S).json()
+    assert [(t["name"], t["n_records"]) for t in tasks] == [("sst2", len(TRAIN_TEXTS)), ("trec", len(TRAIN_TEXTS))]
+    assert tasks[0]["label_words"] == list(SST2.causal_words)
+    assert "/v1/classify" in requests.get(f"{url}/openapi.json", timeout=TIMEOUT_S).json()["paths"]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    ({"task": "nope", "texts": ["fine"]}, 404, "unknown task 'nope'"),
+    ({"task": "MR", "texts": ["fine"]}, 404, "'mr' is not served here; this server serves: sst2, trec"),
+    ({"task": "sst2", "texts": []}, 422, "texts is empty"),
+    ({"task": "sst2", "texts": ["fine", "   "]}, 422, "text 1 is empty or whitespace only"),
+    ({"task": "sst2", "texts": ["fine"] * 11}, 413, "too many texts: 11 > 10"),
+    ({"task": "sst2", "texts": ["x" * 201]}, 413, "text 0 has 201 characters"),
+    ({"task": "sst2", "texts": "not a list"}, 422, "list"),
+    ({"texts": ["fine"]}, 422, "task"),
+    ({"task": "sst2", "texts": ["fine"], "policy": "fastest"}, 422, "policy"),
+])
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(served_reused, body, status, message):
+    url, expected, _ = served_reused
+    reply = classify(url, **body)
+    assert reply.status_code == status, reply.text
+    assert message in str(reply.json()["detail"])
+    good = classify(url, task="sst2", texts=QUERIES[:3])
+    assert good.status_code == 200, good.text
+    assert_matches(good.json()["predictions"], expected["sst2"][:3])
+
+
+def test_lite_refuses_several_replicas():
+    config = ServeConfig(tasks=("sst2",), db_uri="./some.db")
+    with pytest.raises(ValueError, match=r"one process only.*Milvus server"):
+        build_app(ModelSpec(factory=tiny_llama_models), config, replicas=2)
