@@ -184,7 +184,7 @@ class CollectorPool:
         n_threads: int = 1,
         max_restarts: int = 3,
         max_task_retries: int = 3,
-        ready_timeout_s: float = 600.0,
+        ready_timeout_s: float = 300.0,
     ) -> None:
         if not ray.is_initialized():
             raise CollectionError("Ray is not initialised; call ray.init(...) first (or use build_with_ray)")
@@ -196,9 +196,14 @@ class CollectorPool:
         else:
             n_actors = n_actors or max(1, int(n_cpus // cpus_per_actor))
             options = {"num_cpus": cpus_per_actor}
+            free = float(ray.available_resources().get("CPU", 0))
             if n_actors * cpus_per_actor > n_cpus + 1e-9:
                 raise CollectionError(f"{n_actors} actors x {cpus_per_actor} CPUs exceed the cluster's {n_cpus:g} "
                                       "CPUs; use fewer actors or a smaller cpus_per_actor")
+            if n_actors * cpus_per_actor > free + 1e-9:
+                raise CollectionError(f"{n_actors} actors x {cpus_per_actor} CPUs need more than the {free:g} free "
+                                      f"of the cluster's {n_cpus:g} CPUs (other actors or Serve replicas hold the "
+                                      "rest); use fewer actors or a smaller cpus_per_actor")
         self.spec = spec
         self.uses_gpus = bool(n_gpus)
         remote = ray.remote(_Collector).options(max_restarts=max_restarts, max_task_retries=max_task_retries,
