@@ -231,7 +231,9 @@ def evaluate(
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for noisy in ("httpx", "faiss.loader", "milvus_lite"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)  # Milvus Lite's unimplemented RPCs, harmless
     if quiet:
         import transformers
 
