@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--data-dir", default=None, help="LM-BFF data (default: $RAEE_DATA_DIR)")
     args = parser.parse_args()
 
     task = get_task(args.task)
@@ -156,8 +157,8 @@ def main() -> None:
         queries, labels = list(SENTENCES * 8)[: args.n_queries], rng.integers(0, task.n_classes, args.n_queries)
         spec = ModelSpec(factory=tiny_models)
     else:
-        train = load_split(task, "train").head(args.n_train)
-        test = load_split(task, "test").head(args.n_queries)
+        train = load_split(task, "train", args.data_dir).head(args.n_train)
+        test = load_split(task, "test", args.data_dir).head(args.n_queries)
         queries, labels = list(test.texts), np.asarray(test.labels)
         spec = ModelSpec(args.model, args.encoder, cache_dir=args.cache_dir, batch_size=args.batch_size)
 

@@ -318,26 +318,36 @@ class CollectorPool:
         with tqdm(total=total, initial=n_done_examples, disable=not show_progress, unit="ex",
                   desc=f"build x{len(self.actors)} actors") as bar:
             waiting = list(pending)
-            while waiting:
-                ready, waiting = ray.wait(waiting, num_returns=1, timeout=timeout_s)
-                if not ready:
-                    raise CollectionError(f"no shard finished within {timeout_s:g} s ({len(waiting)} pending); "
-                                          "re-run to resume, finished shards are kept")
-                plan = pending[ready[0]]
-                try:
-                    result: ShardResult = ray.get(ready[0], timeout=timeout_s)
-                except ray.exceptions.RayError as exc:
-                    raise CollectionError(f"a {plan.task.name} shard failed after its retries ({exc}); "
-                                          "re-run to resume, finished shards are kept") from exc
-                if result.records is not None:
-                    plan.db.upsert(result.records)  # Milvus Lite: the driver is the only writer
-                plan.n_records += result.n_records
-                plan.n_no_correct += result.n_no_correct
-                plan.n_full_correct += result.n_full_correct
-                bar.update(len(result.shard))
-                if on_shard is not None:
-                    on_shard(result)
+            try:
+                while waiting:
+                    ready, waiting = ray.wait(waiting, num_returns=1, timeout=timeout_s)
+                    if not ready:
+                        raise CollectionError(f"no shard finished within {timeout_s:g} s ({len(waiting)} pending); "
+                                              "re-run to resume, finished shards are kept")
+                    result = self._store(pending[ready[0]], ready[0], timeout_s)
+                    bar.update(len(result.shard))
+                    if on_shard is not None:
+                        on_shard(result)
+            except BaseException:
+                for ref in waiting:  # leave the pool idle for the next build
+                    ray.cancel(ref)
+                raise
         return n_skipped
+
+    @staticmethod
+    def _store(plan: _Plan, ref: ray.ObjectRef, timeout_s: float) -> ShardResult:
+        """Fetch one finished shard; with Lite write its records (the driver is the only writer); tally it."""
+        try:
+            result: ShardResult = ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.RayError as exc:
+            raise CollectionError(f"a {plan.task.name} shard failed after its retries ({exc}); "
+                                  "re-run to resume, finished shards are kept") from exc
+        if result.records is not None:
+            plan.db.upsert(result.records)
+        plan.n_records += result.n_records
+        plan.n_no_correct += result.n_no_correct
+        plan.n_full_correct += result.n_full_correct
+        return result
 
     @staticmethod
     def _complete(plan: _Plan, shard: Shard, example_idx: np.ndarray) -> bool:

@@ -1,4 +1,4 @@
-"""Entry points that run on a Ray cluster: `raee build --ray`, `raee serve`, `raee eval --ray`.
+"""Entry points that run on a Ray cluster: `raee build --ray`, `raee eval --ray`, `raee serve`.
 
 Each function connects to Ray (a new local cluster on 127.0.0.1, or `ray_address` to join one), does its
 work with the collectors / inference_workers pieces and stops only what it started: `ray.shutdown()` for
@@ -14,8 +14,11 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import ray
+from tqdm.auto import tqdm
 
 from collectors.ray_collect import CollectorPool, DistributedBuild
 from inference_workers import deployment
@@ -23,6 +26,9 @@ from milvus.exit_db import is_lite_uri
 from raee.models import DEFAULT_BACKBONE, DEFAULT_ENCODER
 from raee.spec import ModelSpec
 from raee.tasks import Task, get_task, load_split
+
+if TYPE_CHECKING:
+    from orchestration.evaluate import EvalConfig
 
 
 @contextmanager
@@ -63,15 +69,17 @@ def build_with_ray(
     shard_size: int = 512,
     cpus_per_actor: float = 1.0,
     quiet: bool = False,
+    spec: ModelSpec | None = None,
 ) -> DistributedBuild:
     """`raee build --ray`: every task's exit database built by a pool of actors, resumable; checked counts.
 
     One actor per GPU when the cluster has GPUs, else num_actors CPU actors (default: one per CPU). With
-    Milvus Lite the driver is the single writer; with a server URI the actors write directly."""
+    Milvus Lite the driver is the single writer; with a server URI the actors write directly. spec overrides
+    model/encoder/cache_dir (tests pass tiny models)."""
     task_list = [get_task(t) if isinstance(t, str) else t for t in tasks]
     for task in task_list:
         load_split(task, "train", data_dir)  # bad data fails before any actor starts
-    spec = ModelSpec(model, encoder, cache_dir=_abs(cache_dir), batch_size=batch_size)
+    spec = spec or ModelSpec(model, encoder, cache_dir=_abs(cache_dir), batch_size=batch_size)
     with ray_session(ray_address), CollectorPool(spec, n_actors=num_actors, cpus_per_actor=cpus_per_actor) as pool:
         return pool.build(task_list, db_uri=_abs_db(db_uri), token=token, data_dir=data_dir, fraction=fraction,
                           seed=seed, only_correct=only_correct, batch_size=batch_size, shard_size=shard_size,
@@ -90,6 +98,79 @@ def describe_build(result: DistributedBuild) -> list[str]:
     lines.append(f"{n} examples in {result.seconds:.1f} s ({n / max(result.seconds, 1e-9):.1f} examples/s) on "
                  f"{result.n_actors} actors; {result.n_shards} shards, {result.n_shards_skipped} already complete")
     return lines
+
+
+def eval_with_ray(
+    tasks: Sequence[Task | str],
+    *,
+    config: EvalConfig,
+    out_dir: str,
+    command: str,
+    model: str = DEFAULT_BACKBONE,
+    encoder: str = DEFAULT_ENCODER,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    ray_address: str | None = None,
+    cpus_per_task: float = 1.0,
+    quiet: bool = False,
+    spec: ModelSpec | None = None,
+) -> tuple[list[dict], str]:
+    """`raee eval --ray`: the tasks of `raee eval` run in parallel, one Ray task each with its own models.
+
+    Writes results.json and results.md into out_dir as `raee eval` does and returns (results, markdown).
+    With Milvus Lite every task gets its own database file
+    (`<db stem>.<task>.db`: one Lite file has one owner process); with a server URI they share it. One GPU
+    per task where the cluster has GPUs. Latency figures are measured while the other tasks run, so compare
+    them within one run only."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from orchestration.report import markdown
+
+    task_list = [get_task(t) if isinstance(t, str) else t for t in tasks]
+    for task in task_list:  # bad data fails before anything starts
+        load_split(task, "test", data_dir)
+    spec = spec or ModelSpec(model, encoder, cache_dir=_abs(cache_dir))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with ray_session(ray_address):
+        n_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        remote = ray.remote(_evaluate_one).options(num_cpus=cpus_per_task, num_gpus=n_gpus, max_retries=1)
+        refs = [remote.remote(spec, task.name, replace(config, db_uri=_task_db(config.db_uri, task.name)),
+                              _abs(data_dir), str((out / "figures").resolve())) for task in task_list]
+        pending = list(refs)
+        with tqdm(total=len(refs), disable=quiet, desc="eval tasks", unit="task") as bar:
+            while pending:  # short waits in a loop: a long evaluation is not a hang
+                ready, pending = ray.wait(pending, num_returns=1, timeout=60)
+                bar.update(len(ready))
+        answers = ray.get(refs, timeout=600)
+    results = [result for _, result in answers]
+    header = {"model": spec.backbone if spec.factory is None else "custom", "encoder": answers[0][0],
+              "command": command, **asdict(config)}
+    (out / "results.json").write_text(json.dumps({"header": header, "tasks": results}, indent=1))
+    text = markdown(results, header=header)
+    (out / "results.md").write_text(text)
+    return results, text
+
+
+def _evaluate_one(spec: ModelSpec, task_name: str, config: EvalConfig, data_dir: str | None,
+                  figure_dir: str) -> tuple[str, dict]:
+    """One task's evaluation inside a Ray worker: (encoder name, TaskResult as a dict)."""
+    from orchestration.evaluate import evaluate_task
+
+    backbone, encoder = spec.load(n_threads=1)
+    result = evaluate_task(get_task(task_name), backbone, encoder, config, data_dir=data_dir, quiet=True,
+                           figure_dir=figure_dir)
+    return encoder.name, result.to_dict()
+
+
+def _task_db(db_uri: str, task_name: str) -> str:
+    """Lite: <stem>.<task>.db beside db_uri (absolute); a server URI is shared."""
+    if not is_lite_uri(db_uri):
+        return db_uri
+    root, ext = os.path.splitext(os.path.abspath(db_uri))
+    return f"{root}.{task_name}{ext}"
 
 
 def serve(
@@ -112,6 +193,7 @@ def serve(
     max_texts: int = 64,
     max_text_chars: int = 2000,
     cpus_per_replica: float = 1.0,
+    spec: ModelSpec | None = None,
 ) -> str:
     """`raee serve`: the HTTP API on host:port (127.0.0.1:8000 by default); prints the URL, blocks until Ctrl-C.
 
@@ -119,7 +201,7 @@ def serve(
     names = tuple(get_task(t).name if isinstance(t, str) else t.name for t in tasks)
     if is_lite_uri(db_uri) and not os.path.exists(db_uri):
         raise FileNotFoundError(f"no exit database at {db_uri}; build it first: raee build --task {','.join(names)}")
-    spec = ModelSpec(model, encoder, cache_dir=_abs(cache_dir), batch_size=batch_size)
+    spec = spec or ModelSpec(model, encoder, cache_dir=_abs(cache_dir), batch_size=batch_size)
     config = deployment.ServeConfig(tasks=names, db_uri=_abs_db(db_uri), token=token, k=k, tau=tau)
     limits = deployment.Limits(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
                                max_texts=max_texts, max_text_chars=max_text_chars)

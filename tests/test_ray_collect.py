@@ -161,3 +161,37 @@ def test_actors_write_directly_to_a_milvus_server(pool_reused, reference_reused,
         np.testing.assert_array_equal(got.ids, want.ids)
         np.testing.assert_allclose(got.exit_probs, want.exit_probs, atol=1e-5)
         np.testing.assert_allclose(got.vectors, want.vectors, atol=1e-5)
+
+
+def test_build_with_ray_entry_point_checks_and_describes_the_count(ray_cluster_reused, data_dir, tmp_path):
+    from orchestration.distributed import build_with_ray, describe_build
+
+    uri = str(tmp_path / "entry.db")
+    result = build_with_ray(["sst2"], db_uri=uri, num_actors=2, cpus_per_actor=ACTOR_CPUS, fraction=0.005,
+                            data_dir=str(data_dir), shard_size=16, batch_size=8, quiet=True,
+                            spec=ModelSpec(factory=tiny_llama_models))
+    (summary,) = result.summaries
+    assert summary.n_examples == summary.n_in_db == round(0.005 * 6920)
+    assert summary.collection.endswith("_frac0p005_seed0")
+    lines = describe_build(result)
+    assert lines[0].startswith(f"{summary.collection}: {summary.n_in_db} records == {summary.n_in_db} written")
+    assert "(checked)" in lines[0] and "on 2 actors" in lines[1]
+
+
+def test_eval_with_ray_runs_tasks_in_parallel_with_a_lite_file_each(ray_cluster_reused, data_dir, tmp_path):
+    evaluate = pytest.importorskip("orchestration.evaluate")
+    import json
+
+    from orchestration.distributed import eval_with_ray
+
+    config = evaluate.EvalConfig(k=4, tau=0.6, db_uri=str(tmp_path / "eval.db"), limit_train=24, limit_test=8,
+                                 latency_examples=4, latency_batch_sizes=(1,), latency_repeats=1)
+    results, text = eval_with_ray(["sst2", "trec"], config=config, out_dir=str(tmp_path / "out"), command="test",
+                                  data_dir=str(data_dir), cpus_per_task=ACTOR_CPUS, quiet=True,
+                                  spec=ModelSpec(factory=tiny_llama_models))
+    assert [(r["task"], r["n_train"], r["n_test"]) for r in results] == [("sst2", 24, 8), ("trec", 24, 8)]
+    assert all(r["raee_engine_mismatches"] == 0 for r in results)
+    assert (tmp_path / "eval.sst2.db").exists() and (tmp_path / "eval.trec.db").exists()
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["header"]["encoder"] == "backbone:tiny-llama:layer-2:mean:sentence"
+    assert (tmp_path / "out" / "results.md").read_text() == text
