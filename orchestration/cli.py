@@ -43,7 +43,7 @@ EncoderOpt = Annotated[
 DbOpt = Annotated[str, typer.Option("--db", help="Exit database: a Milvus Lite path (*.db) or http://host:19530.")]
 KOpt = Annotated[int, typer.Option("--k", min=1, help="Neighbours retrieved per query (paper: 12).")]
 TauOpt = Annotated[float, typer.Option("--tau", min=0.0, max=1.0, help="Layer-probability threshold (paper: 0.9).")]
-LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Use only the first N test examples.")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=1, help="A seeded random N test examples.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Texts per forward pass.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs on stderr.")]
@@ -189,7 +189,7 @@ def evaluate(
     confidence_threshold: Annotated[float, typer.Option(help="Zero-shot confidence-exit threshold.")] = 0.9,
     k_sweep: Annotated[str, typer.Option(help="Comma-separated k values (Table 3), e.g. 1,4,8,12,16.")] = "",
     fraction_sweep: Annotated[str, typer.Option(help="Comma-separated database fractions (Table 4).")] = "",
-    limit_train: Annotated[int | None, typer.Option(min=1, help="Use only the first N training examples.")] = None,
+    limit_train: Annotated[int | None, typer.Option(min=1, help="A seeded random N train examples.")] = None,
     limit: LimitOpt = None,
     latency_examples: Annotated[int, typer.Option(min=1, help="Test examples timed for the latency table.")] = 32,
     out: Annotated[str, typer.Option(help="Folder for results.json, results.md and figures/.")] = "runs/eval",

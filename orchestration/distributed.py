@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 import ray
 from tqdm.auto import tqdm
 
+from collectors.build import variant_collection
 from collectors.ray_collect import CollectorPool, DistributedBuild
 from inference_workers import deployment
-from milvus.exit_db import is_lite_uri
+from milvus.exit_db import ExitDBMeta, collection_name, is_lite_uri
 from raee.models import DEFAULT_BACKBONE, DEFAULT_ENCODER
 from raee.spec import ModelSpec
 from raee.tasks import Task, get_task, load_split
@@ -193,16 +194,22 @@ def serve(
     max_texts: int = 64,
     max_text_chars: int = 2000,
     cpus_per_replica: float = 1.0,
+    fraction: float = 1.0,
+    seed: int = 0,
+    only_correct: bool = False,
     spec: ModelSpec | None = None,
 ) -> str:
     """`raee serve`: the HTTP API on host:port (127.0.0.1:8000 by default); prints the URL, blocks until Ctrl-C.
 
-    Returns the URL after a clean stop (Serve shut down, and the local Ray cluster if this call started it)."""
+    fraction/seed/only_correct pick the database variant `raee build` wrote with the same options. Returns the
+    URL after a clean stop (Serve shut down, and the local Ray cluster if this call started it)."""
     names = tuple(get_task(t).name if isinstance(t, str) else t.name for t in tasks)
     if is_lite_uri(db_uri) and not os.path.exists(db_uri):
         raise FileNotFoundError(f"no exit database at {db_uri}; build it first: raee build --task {','.join(names)}")
     spec = spec or ModelSpec(model, encoder, cache_dir=_abs(cache_dir), batch_size=batch_size)
-    config = deployment.ServeConfig(tasks=names, db_uri=_abs_db(db_uri), token=token, k=k, tau=tau)
+    config = deployment.ServeConfig(tasks=names, db_uri=_abs_db(db_uri), token=token, k=k, tau=tau,
+                                    collection_suffix=variant_suffix(only_correct=only_correct, fraction=fraction,
+                                                                     seed=seed))
     limits = deployment.Limits(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
                                max_texts=max_texts, max_text_chars=max_text_chars)
     with ray_session(ray_address):
@@ -220,6 +227,13 @@ def serve(
     return url
 
 
+def variant_suffix(*, only_correct: bool = False, fraction: float = 1.0, seed: int = 0) -> str:
+    """What `variant_collection` appends to a collection name for these build options ("" for the full db)."""
+    probe = ExitDBMeta(backbone="-", encoder="-", task="-", template_hash="-", n_layers=1, dim=1)
+    return variant_collection(probe, only_correct=only_correct, fraction=fraction, seed=seed)[
+        len(collection_name(probe)):]
+
+
 def stop_serving() -> None:
     """Stop Serve on the connected cluster (the proxy, the controller and the replicas, which release the db)."""
     if ray.is_initialized():
@@ -231,14 +245,16 @@ def _wait_for_interrupt() -> None:
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    # Both installed explicitly: a process started in the background inherits SIGINT ignored.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
         print("stopping raee serve", file=sys.stderr, flush=True)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _abs(path: str | None) -> str | None:

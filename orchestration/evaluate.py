@@ -21,7 +21,7 @@ from milvus.exit_db import ExitDB
 from raee.backbones import Backbone
 from raee.exit_policy import ExitPolicy, confidence_exit, knn_vote, oracle_exit
 from raee.keys import KeyEncoder
-from raee.records import ExitRecords, Neighbours
+from raee.records import ExitRecords, Neighbours, record_ids
 from raee.tasks import Task, load_split, score, score_per_layer
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,8 @@ class _TestPass:
 def evaluate_task(task: Task, backbone: Backbone, encoder: KeyEncoder, config: EvalConfig, *,
                   data_dir: str | None = None, quiet: bool = False, figure_dir: str | None = None) -> TaskResult:
     """All methods of the comparison on one task (see module docstring)."""
-    train = load_split(task, "train", data_dir).head(config.limit_train)
-    test = load_split(task, "test", data_dir).head(config.limit_test)
+    train = load_split(task, "train", data_dir).sample(config.limit_train, config.seed)
+    test = load_split(task, "test", data_dir).sample(config.limit_test, config.seed)
     policy = ExitPolicy(tau=config.tau, k=config.k)
     meta = exit_db_meta(backbone, encoder, task)
     result = TaskResult(task.name, task.metric, len(train), len(test), backbone.n_layers)
@@ -145,14 +145,12 @@ def evaluate_task(task: Task, backbone: Backbone, encoder: KeyEncoder, config: E
 def _build_both(backbone: Backbone, encoder: KeyEncoder, task: Task, train, full_db: ExitDB, correct_db: ExitDB,
                 *, rebuild: bool, quiet: bool) -> ExitRecords:
     """Write the full and the only-correct databases from ONE backbone pass; reuse them when complete."""
-    ids = np.arange(len(train))
     if not rebuild and full_db.count() == len(train):
         log.info("%s: reusing the complete exit database %s", task.name, full_db.collection)
-        from raee.records import record_ids
-
-        return full_db.get(record_ids(task.name, "train", ids))
+        return full_db.get(record_ids(task.name, "train", train.example_idx))
     parts = []
-    for batch in build_exit_records(backbone, encoder, task, train, batch_size=64, show_progress=not quiet):
+    for batch in build_exit_records(backbone, encoder, task, train, example_idx=train.example_idx, batch_size=64,
+                                    show_progress=not quiet):
         full_db.upsert(batch)
         keep = batch.exit_probs[:, -1] > 0  # the full model (last layer) is right
         correct_db.upsert(_select(batch, keep))

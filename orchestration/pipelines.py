@@ -41,7 +41,7 @@ def layer_table(
     backbone=None,
 ) -> LayerTable:
     """One forward per batch over the test split, scoring every layer's label-word argmax."""
-    data = load_split(task, "test", data_dir).head(limit)  # bad data fails before the model loads
+    data = load_split(task, "test", data_dir).sample(limit)  # bad data fails before the model loads
     backbone = backbone or load_backbone(model, cache_dir=cache_dir, batch_size=batch_size)
     start = time.perf_counter()
     probs = backbone.layer_probs(data.texts, task, show_progress=not quiet)  # (N, L+1, C)

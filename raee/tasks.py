@@ -112,15 +112,33 @@ class Dataset:
     split: str
     texts: tuple[str, ...]
     labels: np.ndarray  # (N,) int64
+    indices: np.ndarray | None = None  # (N,) positions in the split's file; None = 0..N-1
 
     def __len__(self) -> int:
         return len(self.texts)
 
+    @property
+    def example_idx(self) -> np.ndarray:
+        """(N,) int64 position of each example in its file: what record ids are made from."""
+        return np.arange(len(self)) if self.indices is None else self.indices
+
     def head(self, limit: int | None) -> Dataset:
-        """The first `limit` examples (all when None): file order, so runs are comparable."""
+        """The first `limit` examples (all when None), in file order."""
         if limit is None or limit >= len(self):
             return self
-        return Dataset(self.task, self.split, self.texts[:limit], self.labels[:limit])
+        return self._take(np.arange(limit))
+
+    def sample(self, limit: int | None, seed: int = 0) -> Dataset:
+        """A seeded random subset of `limit` examples, kept in file order (all when None).
+
+        Not a head: the LM-BFF mr/cr/mpqa/subj files are grouped by label, so their first rows are one class."""
+        if limit is None or limit >= len(self):
+            return self
+        return self._take(np.sort(np.random.default_rng(seed).permutation(len(self))[:limit]))
+
+    def _take(self, rows: np.ndarray) -> Dataset:
+        return Dataset(self.task, self.split, tuple(self.texts[i] for i in rows), self.labels[rows],
+                       self.example_idx[rows])
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -79,3 +79,14 @@ def test_accuracy_per_layer():
     np.testing.assert_allclose(score_per_layer(sst2, np.array([[0, 1], [1, 1]]), np.array([1, 1])), [0.5, 1.0])
     with pytest.raises(ValueError, match="shape"):
         score(sst2, np.array([1]), np.array([1, 0]))
+
+
+def test_sample_is_seeded_keeps_file_order_and_covers_both_classes(data_dir):
+    mr = load_split("mr", "test", data_dir)  # grouped by label: the first 1000 rows are all negative
+    assert set(mr.head(100).labels.tolist()) == {0}
+    sample = mr.sample(100, seed=0)
+    assert len(sample) == 100 and set(sample.labels.tolist()) == {0, 1}
+    assert np.all(np.diff(sample.example_idx) > 0)
+    np.testing.assert_array_equal(sample.example_idx, mr.sample(100, seed=0).example_idx)
+    assert [mr.texts[i] for i in sample.example_idx] == list(sample.texts)
+    assert mr.sample(None) is mr and mr.sample(10**6) is mr
