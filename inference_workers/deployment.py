@@ -106,7 +106,8 @@ class ServeConfig:
     k: int = 12
     tau: float = 0.9
     metric: Metric = "L2"
-    collections: dict[str, str] = field(default_factory=dict)  # task name -> collection (default: the full db)
+    collection_suffix: str = ""  # the build variant, e.g. "_frac0p2_seed0" (collectors.build.variant_collection)
+    collections: dict[str, str] = field(default_factory=dict)  # task name -> collection, overrides the two above
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class RaeeServer:
                 meta = ExitDBMeta(backbone=backbone.name, encoder=encoder.name, task=task.name,
                                   template_hash=task.template_hash(backbone.style), n_layers=backbone.n_layers,
                                   dim=encoder.dim, metric=config.metric)
-                collection = config.collections.get(task.name) or collection_name(meta)
+                collection = config.collections.get(task.name) or collection_name(meta) + config.collection_suffix
                 db = ExitDB(config.db_uri, collection=collection, meta=meta, token=config.token)
                 self.dbs[task.name] = db
                 if db.count() == 0:
