@@ -91,6 +91,7 @@ class Health(BaseModel):
     n_layers: int
     tasks: list[str]
     limits: dict[str, float]
+    batches: dict[str, int] = Field(description="Engine calls so far: n, texts, largest (texts in one call).")
 
 
 # ---- configuration ----------------------------------------------------------------------------------------
@@ -161,6 +162,7 @@ class RaeeServer:
         backbone, encoder = spec.load(n_threads=n_threads)
         self.config = config
         self.limits = Limits()
+        self.batches = {"n": 0, "texts": 0, "largest": 0}
         self.dbs: dict[str, ExitDB] = {}
         try:
             for name in config.tasks:
@@ -190,7 +192,8 @@ class RaeeServer:
         """Liveness and what this replica serves."""
         backbone = self.engine.backbone
         return Health(backbone=backbone.name, encoder=self.engine.encoder.name, n_layers=backbone.n_layers,
-                      tasks=list(self.dbs), limits={k: float(v) for k, v in self.limits.__dict__.items()})
+                      tasks=list(self.dbs), limits={k: float(v) for k, v in self.limits.__dict__.items()},
+                      batches=dict(self.batches))
 
     @app.get("/v1/tasks")
     def tasks(self) -> list[TaskInfo]:
@@ -214,6 +217,8 @@ class RaeeServer:
 
     def _run(self, items: Sequence[_Item]) -> list[Response]:
         """RAEE items through the engine (one search per task), full-model items at layer L; order kept."""
+        self.batches = {"n": self.batches["n"] + 1, "texts": self.batches["texts"] + len(items),
+                        "largest": max(self.batches["largest"], len(items))}
         out: list[Response | None] = [None] * len(items)
         raee = [i for i, item in enumerate(items) if item.policy == "raee"]
         for i, response in zip(raee, self.engine.run([Request(items[i].text, items[i].task, items[i].explain)

@@ -87,8 +87,12 @@ def test_http_answers_equal_the_in_process_engine(served_reused):
 def test_concurrent_clients_are_batched_and_each_gets_its_own_answers(served_reused):
     url, expected, _ = served_reused
     jobs = [("sst2" if i % 2 else "trec", QUERIES[i % 5 : i % 5 + 3]) for i in range(8)]
+    before = requests.get(f"{url}/healthz", timeout=TIMEOUT_S).json()["batches"]
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda job: classify(url, task=job[0], texts=job[1]), jobs))
+    after = requests.get(f"{url}/healthz", timeout=TIMEOUT_S).json()["batches"]
+    assert after["texts"] - before["texts"] == 24
+    assert after["n"] - before["n"] < 8, after  # texts of different requests shared engine calls
     for (task, texts), reply in zip(jobs, replies, strict=True):
         assert reply.status_code == 200, reply.text
         start = QUERIES.index(texts[0])
