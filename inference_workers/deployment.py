@@ -94,6 +94,10 @@ class Health(BaseModel):
     batches: dict[str, int] = Field(description="Engine calls so far: n, texts, largest (texts in one call).")
 
 
+class ServeSetupError(RuntimeError):
+    """The deployment cannot serve what it was asked to (a task without an exit database, Lite with replicas)."""
+
+
 # ---- configuration ----------------------------------------------------------------------------------------
 
 
@@ -163,6 +167,7 @@ class RaeeServer:
         self.config = config
         self.limits = Limits()
         self.batches = {"n": 0, "texts": 0, "largest": 0}
+        self.errors: list[str] = []  # tasks that cannot be served, with why
         self.dbs: dict[str, ExitDB] = {}
         try:
             for name in config.tasks:
@@ -172,14 +177,22 @@ class RaeeServer:
                                   dim=encoder.dim, metric=config.metric)
                 collection = config.collections.get(task.name) or collection_name(meta) + config.collection_suffix
                 db = ExitDB(config.db_uri, collection=collection, meta=meta, token=config.token)
-                self.dbs[task.name] = db
-                if db.count() == 0:
-                    raise RuntimeError(f"no exit database for task {task.name} in {config.db_uri} (collection "
+                if db.count() == 0:  # reported by setup_errors(): a failing __init__ only says "deploy failed"
+                    self.errors.append(f"no exit database for task {task.name} in {config.db_uri} (collection "
                                        f"{collection!r} is empty); build it first: raee build --task {task.name}")
+                    if db.is_lite:
+                        db.drop()  # opening created it; leave the file as it was
+                    db.close()
+                    continue
+                self.dbs[task.name] = db
         except BaseException:
             self._close()
             raise
         self.engine = BatchEngine(backbone, encoder, self.dbs, ExitPolicy(tau=config.tau, k=config.k))
+
+    def setup_errors(self) -> list[str]:
+        """Why configured tasks are not served (empty or missing exit databases); [] when all are."""
+        return list(self.errors)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply new limits (user_config keys are Limits' fields) without reloading anything."""
@@ -285,13 +298,13 @@ def build_app(
 
     num_gpus None: 1 per replica when the connected cluster has GPUs, else 0. Milvus Lite allows one replica."""
     if replicas < 1:
-        raise ValueError(f"replicas must be >= 1, got {replicas}")
+        raise ServeSetupError(f"replicas must be >= 1, got {replicas}")
     if replicas > 1 and is_lite_uri(config.db_uri):
-        raise ValueError(f"Milvus Lite database {config.db_uri!r} can be owned by one process only, so it serves "
+        raise ServeSetupError(f"Milvus Lite database {config.db_uri!r} can be owned by one process only, so it serves "
                          f"one replica, not {replicas}; for more replicas use a Milvus server "
                          "(docker compose -f docker-compose.milvus.yml up -d; --db http://127.0.0.1:19530)")
     if not config.tasks:
-        raise ValueError("no tasks to serve; pass at least one task")
+        raise ServeSetupError("no tasks to serve; pass at least one task")
     for name in config.tasks:
         get_task(name)  # unknown names fail here, not in a replica
     if is_lite_uri(config.db_uri):  # replicas run in another working directory
@@ -311,9 +324,16 @@ def start_http(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str:
     return f"http://{host}:{port}"
 
 
-def run_app(application: serve.Application, *, name: str = APP_NAME) -> DeploymentHandle:
-    """Deploy (or update in place) the application at route "/"; returns once every replica is ready."""
-    return serve.run(application, name=name, route_prefix="/")
+def run_app(application: serve.Application, *, name: str = APP_NAME, route_prefix: str = "/",
+            timeout_s: float = 120.0) -> DeploymentHandle:
+    """Deploy (or update in place) the application; returns once every replica is ready.
+
+    Raises ServeSetupError with the replica's reasons when a configured task has no exit database."""
+    handle = serve.run(application, name=name, route_prefix=route_prefix)
+    errors = handle.setup_errors.remote().result(timeout_s=timeout_s)
+    if errors:
+        raise ServeSetupError("; ".join(errors))
+    return handle
 
 
 def delete_app(name: str = APP_NAME) -> None:

@@ -205,7 +205,8 @@ def serve(
     URL after a clean stop (Serve shut down, and the local Ray cluster if this call started it)."""
     names = tuple(get_task(t).name if isinstance(t, str) else t.name for t in tasks)
     if is_lite_uri(db_uri) and not os.path.exists(db_uri):
-        raise FileNotFoundError(f"no exit database at {db_uri}; build it first: raee build --task {','.join(names)}")
+        raise deployment.ServeSetupError(f"no exit database at {db_uri}; build it first: "
+                                         f"raee build --task {','.join(names)}")
     spec = spec or ModelSpec(model, encoder, cache_dir=_abs(cache_dir), batch_size=batch_size)
     config = deployment.ServeConfig(tasks=names, db_uri=_abs_db(db_uri), token=token, k=k, tau=tau,
                                     collection_suffix=variant_suffix(only_correct=only_correct, fraction=fraction,

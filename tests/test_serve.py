@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from collectors.build import build_database, exit_db_meta
-from inference_workers.deployment import Limits, ServeConfig, build_app, delete_app, run_app
+from inference_workers.deployment import Limits, ServeConfig, ServeSetupError, build_app, delete_app, run_app
 from inference_workers.engine import BatchEngine
 from milvus.exit_db import ExitDB
 from raee.exit_policy import ExitPolicy
@@ -145,5 +145,17 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served_reused, body, 
 
 def test_lite_refuses_several_replicas():
     config = ServeConfig(tasks=("sst2",), db_uri="./some.db")
-    with pytest.raises(ValueError, match=r"one process only.*Milvus server"):
+    with pytest.raises(ServeSetupError, match=r"one process only.*Milvus server"):
         build_app(ModelSpec(factory=tiny_llama_models), config, replicas=2)
+
+
+def test_a_task_without_exit_database_is_a_clear_setup_error(served_reused, tmp_path):
+    config = ServeConfig(tasks=("sst2",), db_uri=str(tmp_path / "empty.db"))
+    app = build_app(ModelSpec(factory=tiny_llama_models), config, cpus_per_replica=ACTOR_CPUS)
+    try:
+        with pytest.raises(ServeSetupError, match=r"no exit database for task sst2 in .*empty\.db.*raee build"):
+            run_app(app, name="raee-empty", route_prefix="/empty")
+    finally:
+        delete_app("raee-empty")
+    url, expected, _ = served_reused
+    assert_matches(classify(url, task="trec", texts=QUERIES[:2]).json()["predictions"], expected["trec"][:2])
