@@ -9,9 +9,10 @@ are the same ids and the same values. Where the records go depends on the databa
   single writer.
 
 Resuming is cheap and safe: record ids are deterministic and writes are upserts, so the driver skips shards
-whose ids are all stored already and any shard may be run twice. A killed actor is restarted by Ray
-(`max_restarts`) and its unfinished shards are retried (`max_task_retries`). At the end the driver checks
-that every collection holds exactly the records this build should have written.
+whose ids are all stored already and any shard may be run twice. (With only_correct a shard is skipped only
+when all its examples were kept, so most shards of such a build run again, harmlessly.) A killed actor is
+restarted by Ray (`max_restarts`) and its unfinished shards are retried (`max_task_retries`). At the end
+the driver checks that every collection holds exactly the records this build should have written.
 """
 
 from __future__ import annotations
@@ -192,6 +193,9 @@ class CollectorPool:
         n_gpus, n_cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
         if n_gpus:
             n_actors = n_actors or n_gpus
+            if n_actors > n_gpus:
+                raise CollectionError(f"{n_actors} actors need one GPU each but the cluster has {n_gpus}; "
+                                      "use --num-actors <= the number of GPUs")
             options = {"num_gpus": 1, "num_cpus": min(cpus_per_actor, n_cpus / n_actors)}
         else:
             n_actors = n_actors or max(1, int(n_cpus // cpus_per_actor))

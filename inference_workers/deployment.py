@@ -274,7 +274,7 @@ class RaeeServer:
         return name
 
     def _close(self) -> None:
-        for db in self.dbs.values():
+        for db in getattr(self, "dbs", {}).values():  # __init__ may have failed before the databases
             db.close()
 
     def __del__(self) -> None:
@@ -300,9 +300,9 @@ def build_app(
     if replicas < 1:
         raise ServeSetupError(f"replicas must be >= 1, got {replicas}")
     if replicas > 1 and is_lite_uri(config.db_uri):
-        raise ServeSetupError(f"Milvus Lite database {config.db_uri!r} can be owned by one process only, so it serves "
-                         f"one replica, not {replicas}; for more replicas use a Milvus server "
-                         "(docker compose -f docker-compose.milvus.yml up -d; --db http://127.0.0.1:19530)")
+        raise ServeSetupError(f"Milvus Lite database {config.db_uri!r} can be owned by one process only, so it "
+                              f"serves one replica, not {replicas}; for more replicas use a Milvus server "
+                              "(docker compose -f docker-compose.milvus.yml up -d; --db http://127.0.0.1:19530)")
     if not config.tasks:
         raise ServeSetupError("no tasks to serve; pass at least one task")
     for name in config.tasks:
