@@ -100,6 +100,11 @@ class _Collector:
     def pid(self) -> int:
         return os.getpid()
 
+    def location(self) -> tuple[str, str, int]:
+        """(node id, node IP, pid): where this actor runs."""
+        context = ray.get_runtime_context()
+        return context.get_node_id(), ray.util.get_node_ip_address(), os.getpid()
+
     def metas(self, task_names: list[str], metric: Metric) -> list[ExitDBMeta]:
         return [exit_db_meta(self.backbone, self.encoder, get_task(name), metric=metric) for name in task_names]
 
@@ -227,6 +232,10 @@ class CollectorPool:
             raise CollectionError(f"only {len(ready)} of {len(refs)} collector actors started within {timeout_s:g} s "
                                   f"(cluster resources: {ray.cluster_resources()}); use fewer actors")
         return ray.get(refs, timeout=timeout_s)
+
+    def locations(self, *, timeout_s: float = 600.0) -> list[tuple[str, str, int]]:
+        """(node id, node IP, pid) of every actor (waits for queued shards: call it between builds)."""
+        return ray.get([actor.location.remote() for actor in self.actors], timeout=timeout_s)
 
     def build(
         self,

@@ -195,3 +195,45 @@ def test_eval_with_ray_runs_tasks_in_parallel_with_a_lite_file_each(ray_cluster_
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["header"]["encoder"] == "backbone:tiny-llama:layer-2:mean:sentence"
     assert (tmp_path / "out" / "results.md").read_text() == text
+
+
+def two_node_build(db_uri: str) -> dict:
+    """In a fresh process: a 2-node local cluster (1 CPU each), a 2-actor build into db_uri; what ran where."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, log_to_driver=False)
+        with CollectorPool(ModelSpec(factory=tiny_llama_models), n_actors=2, ready_timeout_s=180) as pool:
+            result = pool.build(["sst2", "trec"], db_uri=db_uri, datasets=datasets(), shard_size=SHARD,
+                                batch_size=BATCH, show_progress=False)
+            locations = pool.locations(timeout_s=60)
+        return {"node_ips": sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]),
+                "actor_nodes": sorted({node for node, _, _ in locations}),
+                "actor_ips": sorted({ip for _, ip, _ in locations}),
+                "n_in_db": [s.n_in_db for s in result.summaries]}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()  # stops only the nodes this cluster started
+
+
+@pytest.mark.slow
+def test_two_node_local_cluster_puts_one_actor_on_each_node(reference_reused, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    uri = str(tmp_path / "two_nodes.db")
+    code = f"import json; from tests.test_ray_collect import two_node_build; print(json.dumps(two_node_build({uri!r})))"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["node_ips"] == ["127.0.0.1", "127.0.0.1"] and report["actor_ips"] == ["127.0.0.1"]
+    assert len(report["actor_nodes"]) == 2, report  # 1 CPU per node: each node hosts one actor
+    assert report["n_in_db"] == [len(TEXTS)] * 2
+    assert_same_records(uri, reference_reused)
