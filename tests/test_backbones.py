@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from functools import partial
 
 import numpy as np
@@ -15,16 +16,18 @@ from tests.fixtures_models import SENTENCES
 SST2 = get_task("sst2")
 
 
-def _count_block_rows(backbone):
-    """Plain hooks, independent of the engine's own: rows entering each block, summed over all calls."""
+@contextmanager
+def count_block_rows(backbone):
+    """Plain hooks, independent of the engine's own: yields counts[i] = rows entering block i over all calls."""
     counts = [0] * backbone.n_layers
 
     def count(i, module, args, kwargs):
         counts[i] += (args[0] if args else kwargs["hidden_states"]).shape[0]
 
-    handles = [block.register_forward_pre_hook(partial(count, i), with_kwargs=True)
-               for i, block in enumerate(backbone.parts.blocks)]
-    return counts, handles
+    with ExitStack() as stack:
+        for i, block in enumerate(backbone.parts.blocks):
+            stack.callback(block.register_forward_pre_hook(partial(count, i), with_kwargs=True).remove)
+        yield counts
 
 
 def test_predict_at_every_layer_equals_layer_probs(tiny_backbone_reused):
@@ -41,12 +44,8 @@ def test_mixed_exit_layers_are_exact_and_run_only_their_blocks(tiny_backbone_reu
     backbone = tiny_backbone_reused
     probs = backbone.layer_probs(SENTENCES, SST2)
     exits = np.array([0, 4, 2, 1, 3, 4, 0, 2])[: len(SENTENCES)]
-    counts, handles = _count_block_rows(backbone)
-    try:
+    with count_block_rows(backbone) as counts:
         pred = backbone.predict(SENTENCES, SST2, exits)
-    finally:
-        for h in handles:
-            h.remove()
     np.testing.assert_allclose(pred.probs, probs[np.arange(len(exits)), exits], atol=1e-4)
     assert sum(counts) == exits.sum()  # exactly l blocks per example
     # block i runs only for the examples that exit after it: never the whole batch to the deepest exit
@@ -54,12 +53,8 @@ def test_mixed_exit_layers_are_exact_and_run_only_their_blocks(tiny_backbone_reu
 
 
 def test_all_exit_at_embedding_runs_no_block(tiny_llama_backbone):
-    counts, handles = _count_block_rows(tiny_llama_backbone)
-    try:
+    with count_block_rows(tiny_llama_backbone) as counts:
         tiny_llama_backbone.predict(SENTENCES, SST2, 0)
-    finally:
-        for h in handles:
-            h.remove()
     assert sum(counts) == 0
 
 
@@ -136,12 +131,8 @@ def test_gemma_exactness_savings_and_parity(gemma_backbone_reused):
     for layer in range(backbone.n_layers + 1):
         np.testing.assert_allclose(backbone.predict(texts, SST2, layer).probs, probs[:, layer], atol=1e-4)
     exits = np.array([3, 17, 9])
-    counts, handles = _count_block_rows(backbone)
-    try:
+    with count_block_rows(backbone) as counts:
         pred = backbone.predict(texts, SST2, exits)
-    finally:
-        for h in handles:
-            h.remove()
     assert sum(counts) == exits.sum()
     np.testing.assert_allclose(pred.probs, probs[np.arange(3), exits], atol=1e-4)
     batch = backbone.tokenizer(SST2.prompt(texts[1]), return_tensors="pt")
