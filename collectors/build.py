@@ -165,8 +165,9 @@ def build_database(
     milvus/index.py (None: FLAT for a new collection, as built for an existing one)."""
     _check_fraction(fraction)
     dataset = dataset if dataset is not None else load_split(task, "train", data_dir)
-    example_idx = subset_indices(len(dataset), fraction, seed)
-    subset = Dataset(task, dataset.split, tuple(dataset.texts[i] for i in example_idx), dataset.labels[example_idx])
+    rows = subset_indices(len(dataset), fraction, seed)
+    example_idx = dataset.example_idx[rows]  # file positions: record ids stay stable across subsets
+    subset = Dataset(task, dataset.split, tuple(dataset.texts[i] for i in rows), dataset.labels[rows], example_idx)
     meta = exit_db_meta(backbone, encoder, task, metric=metric)
     collection = collection or variant_collection(meta, only_correct=only_correct, fraction=fraction, seed=seed)
     start = time.perf_counter()

@@ -300,9 +300,10 @@ class CollectorPool:
 
     def _plan(self, task: Task, meta: ExitDBMeta, dataset: Dataset, *, db_uri: str, fraction: float, seed: int,
               only_correct: bool, token: str | None, index: IndexConfig | None, shard_size: int) -> _Plan:
-        example_idx = subset_indices(len(dataset), fraction, seed)
-        texts = tuple(dataset.texts[i] for i in example_idx)
-        labels = np.asarray(dataset.labels, dtype=np.int64)[example_idx]
+        rows = subset_indices(len(dataset), fraction, seed)
+        texts = tuple(dataset.texts[i] for i in rows)
+        labels = np.asarray(dataset.labels, dtype=np.int64)[rows]
+        example_idx = dataset.example_idx[rows]  # file positions: record ids stay stable across subsets
         collection = variant_collection(meta, only_correct=only_correct, fraction=fraction, seed=seed)
         db = ExitDB(db_uri, collection=collection, meta=meta, token=token, index=index)  # creates it once, here
         data_ref = ray.put((texts, labels, example_idx))  # shared by every shard of the task

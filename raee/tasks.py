@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ Style = Literal["causal", "mlm"]
 Split = Literal["train", "test"]
 
 DATA_DIR_ENV = "RAEE_DATA_DIR"
+
+log = logging.getLogger(__name__)
 
 _SENTIMENT = "What is the sentiment of the sentence {x} ? Print negative or positive. The answer is"
 _LAYOUT_HINT = (
@@ -163,7 +166,13 @@ def load_split(task: Task | str, split: Split, data_dir: str | os.PathLike[str] 
         raise TaskError(f"cannot parse {path}: {exc} ({_LAYOUT_HINT})") from exc
     if labels.size and (labels.min() < 0 or labels.max() >= task.n_classes):
         raise TaskError(f"{path} has labels outside 0..{task.n_classes - 1} for task {task.name}")
-    return Dataset(task, split, tuple(text for _, text in rows), labels)
+    full = Dataset(task, split, tuple(text for _, text in rows), labels)
+    keep = np.array([bool(text.strip()) for text in full.texts], dtype=bool)
+    if keep.all():
+        return full
+    # Nothing to retrieve or classify in an empty sentence (CR has 4 such rows): skip them, keep file positions.
+    log.warning("%s: skipping %d whitespace-only rows of %s", task.name, int((~keep).sum()), path)
+    return full._take(np.flatnonzero(keep))
 
 
 def _read_rows(path: Path, task_name: str) -> list[tuple[str, str]]:

@@ -10,7 +10,8 @@ from raee.tasks import TASKS, TaskError, get_task, load_split, matthews_corrcoef
 # (train rows, test rows, test label counts) from ../shared/datasets/PROVENANCE.md
 EXPECTED = {
     "sst2": (6920, 872, [428, 444]), "sst5": (8544, 2210, [279, 633, 389, 510, 399]),
-    "mr": (8662, 2000, [1000, 1000]), "cr": (1775, 2000, [1000, 1000]), "mpqa": (8606, 2000, [1000, 1000]),
+    "mr": (8662, 2000, [1000, 1000]), "cr": (1772, 1999, [999, 1000]),  # CR: 4 whitespace-only rows skipped
+    "mpqa": (8603, 2000, [1000, 1000]),  # MPQA: 3 whitespace-only training rows skipped
     "subj": (8000, 2000, [1000, 1000]), "trec": (5452, 500, [138, 94, 9, 65, 81, 113]),
     "cola": (8551, 1043, [322, 721]),
 }
@@ -23,6 +24,13 @@ def test_every_task_loads_with_the_published_counts(name, data_dir):
     assert (len(train), len(test)) == (n_train, n_test)
     assert np.bincount(test.labels, minlength=TASKS[name].n_classes).tolist() == test_counts
     assert all(isinstance(t, str) for t in train.texts)
+
+
+def test_whitespace_only_rows_are_skipped_but_keep_their_file_positions(data_dir):
+    test = load_split("cr", "test", data_dir)
+    assert all(t.strip() for t in test.texts)
+    skipped = sorted(set(range(2000)) - set(test.example_idx.tolist()))
+    assert len(skipped) == 1 and test.example_idx[skipped[0]] == skipped[0] + 1
 
 
 def test_first_rows_are_read_from_the_right_columns(data_dir):
