@@ -19,6 +19,7 @@ directly and `replicas` scales out.
 
 
 import asyncio
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,10 @@ from typing import Any, Literal
 
 import ray
 from fastapi import FastAPI, HTTPException
+from fastapi import Request as HTTPRequest
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -157,6 +162,25 @@ app = FastAPI(
 )
 
 
+def _json_safe(value: Any) -> Any:
+    """`value` with what strict JSON cannot carry made printable: inf/NaN floats, lone surrogates in strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 body, made JSON-safe: echoing `1e999` or a lone surrogate back must not become a 500."""
+    return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
+
+
 @serve.deployment(max_ongoing_requests=64, max_constructor_retry_count=2, graceful_shutdown_timeout_s=10)
 @serve.ingress(app)
 class RaeeServer:
@@ -251,6 +275,12 @@ class RaeeServer:
 
     def _check(self, body: ClassifyRequest) -> str:
         """The served task's name, or HTTPException: 404 unknown task, 422 empty input, 413 too much input."""
+        for field_name, value in [("task", body.task), *((f"text {i}", t) for i, t in enumerate(body.texts))]:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:  # JSON allows "\ud800"; the tokenizer and the response do not
+                raise HTTPException(422, f"{field_name} is not valid Unicode: a lone surrogate at character "
+                                         f"{exc.start}") from exc
         try:
             name = get_task(body.task).name
         except TaskError as exc:

@@ -132,6 +132,9 @@ def test_health_tasks_and_openapi(served_reused):
     ({"task": "sst2", "texts": "not a list"}, 422, "list"),
     ({"texts": ["fine"]}, 422, "task"),
     ({"task": "sst2", "texts": ["fine"], "policy": "fastest"}, 422, "policy"),
+    ({"task": "sst2", "texts": ["fine", "bad \ud800"]}, 422, "text 1 is not valid Unicode: a lone surrogate at"),
+    ({"task": "\udfff", "texts": ["fine"]}, 422, "task is not valid Unicode"),
+    ({"task": "sst2", "texts": "\ud800"}, 422, "\\ud800"),  # the 422 body echoes it escaped, not as a 500
 ])
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(served_reused, body, status, message):
     url, expected, _ = served_reused
