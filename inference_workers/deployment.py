@@ -6,6 +6,9 @@
     GET  /healthz     200 once the replica has loaded its models and databases
     GET  /docs        the OpenAPI page (FastAPI)
 
+With an API key (`ServeConfig.api_key`, else $RAEE_API_KEY where `build_app` runs) the /v1/ routes answer 401
+unless the request carries it in the `x-api-key` header; /healthz and the OpenAPI pages stay open.
+
 A replica is an ordinary class: it loads the backbone, key encoder and one exit database per task in
 `__init__` (several tasks share one backbone), and answers in `classify`. Each text of a request becomes one
 item of `@serve.batch`, so texts from concurrent requests share one engine call: one search per task and
@@ -19,14 +22,15 @@ directly and `replicas` scales out.
 
 
 import asyncio
+import hmac
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import ray
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, Header, HTTPException
 from fastapi import Request as HTTPRequest
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -43,6 +47,7 @@ from raee.spec import ModelSpec
 from raee.tasks import TaskError, get_task
 
 APP_NAME = "raee"
+API_KEY_ENV = "RAEE_API_KEY"  # when set where build_app runs, every /v1/ request needs it in `x-api-key`
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 
 Policy = Literal["raee", "full"]
@@ -99,6 +104,9 @@ class Health(BaseModel):
     batches: dict[str, int] = Field(description="Engine calls so far: n, texts, largest (texts in one call).")
 
 
+ApiKeyHeader = Annotated[str | None, Header(description=f"The server's API key, when it has one (${API_KEY_ENV}).")]
+
+
 class ServeSetupError(RuntimeError):
     """The deployment cannot serve what it was asked to (a task without an exit database, Lite with replicas)."""
 
@@ -118,6 +126,7 @@ class ServeConfig:
     metric: Metric = "L2"
     collection_suffix: str = ""  # the build variant, e.g. "_frac0p2_seed0" (collectors.build.variant_collection)
     collections: dict[str, str] = field(default_factory=dict)  # task name -> collection, overrides the two above
+    api_key: str | None = field(default=None, repr=False)  # None: $RAEE_API_KEY at build_app, else no key needed
 
 
 @dataclass(frozen=True)
@@ -233,15 +242,17 @@ class RaeeServer:
                       batches=dict(self.batches))
 
     @app.get("/v1/tasks")
-    def tasks(self) -> list[TaskInfo]:
+    def tasks(self, x_api_key: ApiKeyHeader = None) -> list[TaskInfo]:
         """The served tasks with their label words and exit-database sizes."""
+        self._authorize(x_api_key)
         style = self.engine.backbone.style
         return [TaskInfo(name=name, label_words=list(get_task(name).label_words(style)), collection=db.collection,
                          n_records=db.count()) for name, db in self.dbs.items()]
 
     @app.post("/v1/classify")
-    async def classify(self, body: ClassifyRequest) -> ClassifyResponse:
+    async def classify(self, body: ClassifyRequest, x_api_key: ApiKeyHeader = None) -> ClassifyResponse:
         """Classify texts of one task; 4xx with a one-line `detail` when the request cannot be served."""
+        self._authorize(x_api_key)
         task_name = self._check(body)
         items = [_Item(text, task_name, body.explain, body.policy) for text in body.texts]
         answers = await asyncio.gather(*(self._classify_batch(item) for item in items))
@@ -272,6 +283,13 @@ class RaeeServer:
                 out[i] = Response(label, words[label], int(preds.exit_layers[row]),
                                   tuple(float(p) for p in preds.probs[row]))
         return [r for r in out if r is not None]
+
+    def _authorize(self, x_api_key: str | None) -> None:
+        """401 unless the server needs no key or `x-api-key` matches it (constant-time comparison)."""
+        expected = self.config.api_key
+        if expected and not (x_api_key and hmac.compare_digest(x_api_key.encode(), expected.encode())):
+            raise HTTPException(401, "missing or wrong API key: send it in the x-api-key header",
+                                headers={"WWW-Authenticate": "x-api-key"})
 
     def _check(self, body: ClassifyRequest) -> str:
         """The served task's name, or HTTPException: 404 unknown task, 422 empty input, 413 too much input."""
@@ -337,6 +355,8 @@ def build_app(
         raise ServeSetupError("no tasks to serve; pass at least one task")
     for name in config.tasks:
         get_task(name)  # unknown names fail here, not in a replica
+    if config.api_key is None and os.environ.get(API_KEY_ENV):
+        config = replace(config, api_key=os.environ[API_KEY_ENV])
     if is_lite_uri(config.db_uri):  # replicas run in another working directory
         config = replace(config, db_uri=os.path.abspath(config.db_uri))
     if num_gpus is None:

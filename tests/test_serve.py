@@ -10,7 +10,15 @@ import pytest
 import requests
 
 from collectors.build import build_database, exit_db_meta
-from inference_workers.deployment import Limits, ServeConfig, ServeSetupError, build_app, delete_app, run_app
+from inference_workers.deployment import (
+    API_KEY_ENV,
+    Limits,
+    ServeConfig,
+    ServeSetupError,
+    build_app,
+    delete_app,
+    run_app,
+)
 from inference_workers.engine import BatchEngine
 from milvus.exit_db import ExitDB
 from raee.exit_policy import ExitPolicy
@@ -162,3 +170,29 @@ def test_a_task_without_exit_database_is_a_clear_setup_error(served_reused, tmp_
         delete_app("raee-empty")
     url, expected, _ = served_reused
     assert_matches(classify(url, task="trec", texts=QUERIES[:2]).json()["predictions"], expected["trec"][:2])
+
+
+def test_api_key_from_the_environment_is_required_on_v1_routes(serve_url_reused, tmp_path, monkeypatch):
+    backbone, encoder = tiny_llama_models()
+    uri = str(tmp_path / "keyed.db")
+    labels = np.random.default_rng(0).integers(0, 2, size=len(SENTENCES))
+    build_database(backbone, encoder, SST2, db_uri=uri, dataset=Dataset(SST2, "train", tuple(SENTENCES), labels),
+                   batch_size=8, show_progress=False)
+    monkeypatch.setenv(API_KEY_ENV, "s3cret-key")
+    app = build_app(ModelSpec(factory=tiny_llama_models), ServeConfig(tasks=("sst2",), db_uri=uri, k=4),
+                    cpus_per_replica=ACTOR_CPUS)
+    assert "s3cret" not in repr(app)  # not echoed in logs
+    run_app(app, name="raee-keyed", route_prefix="/keyed")
+    try:
+        url, body = f"{serve_url_reused}/keyed", {"task": "sst2", "texts": ["fine"]}
+        for headers in ({}, {"x-api-key": "wrong"}, {"x-api-key": ""}):
+            reply = requests.post(f"{url}/v1/classify", json=body, headers=headers, timeout=TIMEOUT_S)
+            assert reply.status_code == 401, reply.text
+            assert "x-api-key" in reply.json()["detail"]
+        assert requests.get(f"{url}/v1/tasks", timeout=TIMEOUT_S).status_code == 401
+        key = {"x-api-key": "s3cret-key"}
+        assert requests.post(f"{url}/v1/classify", json=body, headers=key, timeout=TIMEOUT_S).status_code == 200
+        assert requests.get(f"{url}/v1/tasks", headers=key, timeout=TIMEOUT_S).status_code == 200
+        assert requests.get(f"{url}/healthz", timeout=TIMEOUT_S).status_code == 200  # liveness stays open
+    finally:
+        delete_app("raee-keyed")
