@@ -128,17 +128,15 @@ class _ExitRun:
         """Record the answer-position state of rows exiting at layer_idx; return the hidden of those staying."""
         if self.record_all:
             leaving = torch.ones_like(self.active, dtype=torch.bool)
-            staying = leaving
         else:
             leaving = self.exit_layers[self.active] == layer_idx
-            staying = ~leaving
         if leaving.any():
             rows = self.active[leaving]
             self.states[layer_idx] = (rows, hidden[leaving, self.positions[rows]])  # (n, H)
         if self.record_all:
             return hidden
-        self.active = self.active[staying]
-        return hidden[staying]
+        self.active = self.active[~leaving]
+        return hidden[~leaving]
 
 
 class _StopForward(Exception):
@@ -293,9 +291,13 @@ def _exit_hooks(blocks: nn.ModuleList, run: _ExitRun, *, full_batch: int) -> Ite
         hidden = run.leave(i, hidden)
         if hidden.shape[0] == 0:
             raise _StopForward
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         rows = run.active
-        args = tuple(_take_rows(a, rows, full_batch) for a in args[1:])
-        kwargs = {k: _take_rows(v, rows, full_batch) for k, v in kwargs.items() if k != "hidden_states"}
+        if len(rows) < full_batch:  # someone has left: slice masks and positions to the rows still running
+            args = tuple(_take_rows(a, rows, full_batch) for a in args[1:])
+            kwargs = {k: _take_rows(v, rows, full_batch) for k, v in kwargs.items()}
+        else:
+            args = args[1:]
         return (hidden, *args), kwargs
 
     def after(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
