@@ -127,7 +127,8 @@ def evaluate_task(task: Task, backbone: Backbone, encoder: KeyEncoder, config: E
             preds = raee_preds if method == "raee" else _preds_at(t.layer_probs, layers)
             result.scores[method] = score(task, preds, t.labels)
             result.mean_exit[method] = float(np.mean(layers)) if len(layers) else float("nan")
-        knn = knn_vote(_top(found, config.k).distances, _top(found, config.k).labels, task.n_classes).argmax(-1)
+        top_k = _top(found, config.k)
+        knn = knn_vote(top_k.distances, top_k.labels, task.n_classes).argmax(-1)
         result.scores["knn"] = score(task, knn, t.labels)
         result.mean_exit["knn"] = 0.0
         result.exit_histogram = np.bincount(raee_exits, minlength=n_layers + 1).tolist()

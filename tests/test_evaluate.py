@@ -9,19 +9,15 @@ import pytest
 
 from orchestration.evaluate import METHODS, EvalConfig, evaluate_task
 from orchestration.report import markdown
-from raee.backbones import Backbone
 from raee.keys import BackboneStateEncoder
 from raee.tasks import get_task
-from tests.fixtures_models import tiny_model
 
 SST2 = get_task("sst2")
 
 
 @pytest.fixture(scope="module")
-def tiny_setup():
-    model, tokenizer = tiny_model("llama")
-    backbone = Backbone(model, tokenizer, name="tiny-llama", device="cpu", batch_size=16)
-    return backbone, BackboneStateEncoder(backbone, layer_idx=2)
+def tiny_setup(tiny_llama_backbone):
+    return tiny_llama_backbone, BackboneStateEncoder(tiny_llama_backbone, layer_idx=2)
 
 
 def test_every_method_is_scored_and_raee_matches_the_recorded_layers(tiny_setup, tmp_path, data_dir):
