@@ -1,7 +1,7 @@
 """Ray Serve deployment: an HTTP JSON API over `BatchEngine` (paper Algorithm 3.2), with request batching.
 
     POST /v1/classify {"task": "sst2", "texts": ["..."], "explain": false}
-         -> {"task", "predictions": [{"label", "label_word", "exit_layer", "probs", "neighbours"?}]}
+         -> {"task", "predictions": [{"label", "label_word", "exit_layer", "probs", "neighbours"?, "truncated"}]}
     GET  /v1/tasks    the served tasks, their label words and database sizes
     GET  /healthz     200 once the replica has loaded its models and databases
     GET  /docs        the OpenAPI page (FastAPI)
@@ -80,6 +80,8 @@ class PredictionOut(BaseModel):
     exit_layer: int = Field(description="Transformer blocks run for this text (0 = embeddings only, L = all).")
     probs: list[float] = Field(description="Softmax over the task's label words at the exit layer.")
     neighbours: list[NeighbourOut] | None = None
+    truncated: bool = Field(False, description="The text was longer than the model's context and was cut to fit "
+                                               "(the prediction saw only its beginning).")
 
 
 class ClassifyResponse(BaseModel):
@@ -160,7 +162,7 @@ def _prediction(response: Response, explain: bool) -> PredictionOut:
         neighbours = [NeighbourOut(id=n.id, text=n.text, label=n.label, label_word=n.label_word,
                                    distance=n.distance) for n in response.neighbours]
     return PredictionOut(label=response.label, label_word=response.label_word, exit_layer=response.exit_layer,
-                         probs=list(response.probs), neighbours=neighbours)
+                         probs=list(response.probs), neighbours=neighbours, truncated=response.truncated)
 
 
 app = FastAPI(
@@ -281,7 +283,7 @@ class RaeeServer:
             for row, i in enumerate(idx):
                 label = int(preds.labels[row])
                 out[i] = Response(label, words[label], int(preds.exit_layers[row]),
-                                  tuple(float(p) for p in preds.probs[row]))
+                                  tuple(float(p) for p in preds.probs[row]), truncated=bool(preds.truncated[row]))
         return [r for r in out if r is not None]
 
     def _authorize(self, x_api_key: str | None) -> None:

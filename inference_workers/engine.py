@@ -54,6 +54,7 @@ class Response:
     exit_layer: int  # blocks run for this text (0 = embeddings only, L = the full model)
     probs: tuple[float, ...]  # (C,) softmax over the label words at the exit layer
     neighbours: tuple[Neighbour, ...] | None = None  # closest first; only when explain=True
+    truncated: bool = False  # the text was cut to the model's context before classifying
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class BatchEngine:
                 exit_layer=int(preds.exit_layers[b]),
                 probs=tuple(float(p) for p in preds.probs[b]),
                 neighbours=_neighbours(neighbours, b, words) if request.explain else None,
+                truncated=bool(preds.truncated[b]),
             )
             for b, request in enumerate(requests)
         ]

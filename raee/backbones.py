@@ -43,6 +43,11 @@ class Predictions:
     labels: np.ndarray  # (B,) int64 argmax over label words at the exit layer
     probs: np.ndarray  # (B, C) float32 softmax over the label words at the exit layer
     exit_layers: np.ndarray  # (B,) int64 blocks run per text
+    truncated: np.ndarray | None = None  # (B,) bool: the sentence was cut to fit max_length (None -> all False)
+
+    def __post_init__(self) -> None:
+        if self.truncated is None:  # frozen: set the default once, so callers always get an array
+            object.__setattr__(self, "truncated", np.zeros(len(self.labels), dtype=bool))
 
 
 @dataclass(frozen=True)
@@ -200,7 +205,8 @@ class Backbone:
         texts (B,) -> (B, L+1, C) float32. Every block runs once per text (this is the build-time pass)."""
         full = np.full(len(texts), self.n_layers, dtype=np.int64)
         out = np.zeros((len(texts), self.n_layers + 1, task.n_classes), dtype=np.float32)
-        for idx, run in self._runs(texts, task, full, batch_size, show_progress, record_all=True):
+        prompts, _ = self._prompts(texts, task)
+        for idx, run in self._runs(prompts, task, full, batch_size, show_progress, record_all=True):
             per_layer = [self._probs(run.states[layer][1], task) for layer in range(self.n_layers + 1)]
             out[idx] = torch.stack(per_layer, dim=1).cpu().numpy()  # (b, L+1, C)
         return out
@@ -222,17 +228,26 @@ class Backbone:
         if layers.size and (layers.min() < 0 or layers.max() > self.n_layers):
             raise BackboneError(f"exit layers must lie in [0, {self.n_layers}] for {self.name}")
         probs = np.zeros((len(texts), task.n_classes), dtype=np.float32)
-        for idx, run in self._runs(texts, task, layers, batch_size, show_progress, record_all=False):
+        prompts, truncated = self._prompts(texts, task)
+        for idx, run in self._runs(prompts, task, layers, batch_size, show_progress, record_all=False):
             for rows, states in run.states.values():  # at most L+1 groups, one per distinct exit layer
                 probs[idx[rows.cpu().numpy()]] = self._probs(states, task).cpu().numpy()
-        return Predictions(probs.argmax(axis=1).astype(np.int64), probs, layers)
+        return Predictions(probs.argmax(axis=1).astype(np.int64), probs, layers, truncated)
 
     def _probs(self, states: torch.Tensor, task: Task) -> torch.Tensor:
         return torch.softmax(self.parts.exit_logits(states, self.label_ids(task)).float(), dim=-1)  # (n, C)
 
+    def _prompts(self, texts: Sequence[str], task: Task) -> tuple[list[str], np.ndarray]:
+        """(prompt per text, (B,) bool truncated): checked before any work, so bad input fails fast."""
+        if any(not isinstance(t, str) for t in texts):
+            raise BackboneError("texts must be strings")
+        self.label_ids(task)  # fail on bad label words before any work
+        fitted = [self._fit(t, task) for t in texts]
+        return [p for p, _ in fitted], np.array([cut for _, cut in fitted], dtype=bool)
+
     def _runs(
         self,
-        texts: Sequence[str],
+        prompts: list[str],
         task: Task,
         exit_layers: np.ndarray,
         batch_size: int | None,
@@ -241,10 +256,6 @@ class Backbone:
         record_all: bool,
     ) -> Iterator[tuple[np.ndarray, _ExitRun]]:
         """Yield (original indices, finished run) per mini-batch; batches group similar exits and lengths."""
-        if any(not isinstance(t, str) for t in texts):
-            raise BackboneError("texts must be strings")
-        self.label_ids(task)  # fail on bad label words before any work
-        prompts = [self._prompt(t, task) for t in texts]
         order = np.lexsort(([len(p) for p in prompts], exit_layers))  # by exit layer, then length
         size = batch_size or self.batch_size
         for start in tqdm(range(0, len(order), size), disable=not show_progress, desc=f"{task.name} batches"):
@@ -253,14 +264,18 @@ class Backbone:
 
     def _prompt(self, text: str, task: Task) -> str:
         """Template the text, truncating the sentence (never the template) to fit max_length tokens."""
+        return self._fit(text, task)[0]
+
+    def _fit(self, text: str, task: Task) -> tuple[str, bool]:
+        """(prompt, whether the sentence was cut): callers report the cut, since it changes the answer."""
         mask = self.tokenizer.mask_token or "<mask>"
         prompt = task.prompt(text, self.style, mask)
         n_prompt = len(self.tokenizer.encode(prompt))
         if n_prompt <= self.max_length:
-            return prompt
+            return prompt, False
         sentence_ids = self.tokenizer.encode(text, add_special_tokens=False)
         keep = max(len(sentence_ids) - (n_prompt - self.max_length) - 2, 0)  # 2: retokenisation slack
-        return task.prompt(self.tokenizer.decode(sentence_ids[:keep]), self.style, mask)
+        return task.prompt(self.tokenizer.decode(sentence_ids[:keep]), self.style, mask), True
 
     def _forward(self, prompts: list[str], exit_layers: np.ndarray, record_all: bool) -> _ExitRun:
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="right")

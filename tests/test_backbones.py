@@ -121,6 +121,17 @@ def test_long_text_is_truncated_but_keeps_the_template(tiny_llama_backbone):
     assert tiny_llama_backbone._prompt(long_text, SST2).endswith("The answer is")
 
 
+def test_predict_says_which_texts_were_truncated(tiny_llama_backbone):
+    backbone = tiny_llama_backbone  # word tokenizer, max_length 64
+    fits = " ".join(["great"] * 20)
+    cut = " ".join(["great"] * 500)
+    pred = backbone.predict([fits, cut, "fine"], SST2, [1, 4, 2])
+    assert pred.truncated.dtype == bool and pred.truncated.tolist() == [False, True, False]
+    assert backbone.predict([], SST2, 1).truncated.shape == (0,)
+    # the flag does not change the answer: the cut text is classified from its first tokens, as before
+    np.testing.assert_allclose(pred.probs[1], backbone.predict([cut], SST2, 4).probs[0], atol=1e-6)
+
+
 @pytest.mark.real_model
 def test_gemma_exactness_savings_and_parity(gemma_backbone_reused):
     backbone = gemma_backbone_reused

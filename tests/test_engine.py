@@ -111,6 +111,14 @@ def test_explain_returns_k_neighbours_with_texts(setup_reused):
     np.testing.assert_allclose([n.distance for n in alone.neighbours], distances, rtol=1e-4, atol=1e-6)
 
 
+def test_responses_say_when_a_text_was_truncated(setup_reused):
+    backbone, encoder, dbs = setup_reused
+    engine = BatchEngine(backbone, encoder, dbs, ExitPolicy(tau=0.6, k=5))
+    long_text = " ".join(["great"] * 200)  # > 64 tokens, the tiny tokenizer's context
+    answers = engine.classify([QUERIES[0], long_text, QUERIES[1]], SST2)
+    assert [a.truncated for a in answers] == [False, True, False]
+
+
 def test_bad_input_and_mismatched_database_are_clear_errors(setup_reused, tmp_path):
     backbone, encoder, dbs = setup_reused
     engine = BatchEngine(backbone, encoder, dbs, ExitPolicy())

@@ -107,6 +107,15 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_answers(served_reu
         assert_matches(reply.json()["predictions"], expected[task][start : start + len(texts)])
 
 
+@pytest.mark.parametrize("policy", ["raee", "full"])
+def test_truncated_texts_are_flagged_in_the_response(served_reused, policy):
+    url, _, _ = served_reused
+    long_text = " ".join(["a"] * 99)  # 199 characters (under max_text_chars) but > 64 tokens of context
+    reply = classify(url, task="sst2", texts=[QUERIES[0], long_text], policy=policy)
+    assert reply.status_code == 200, reply.text
+    assert [p["truncated"] for p in reply.json()["predictions"]] == [False, True]
+
+
 def test_full_policy_runs_every_layer(served_reused):
     url, _, _ = served_reused
     backbone, _ = tiny_llama_models()
