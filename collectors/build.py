@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from milvus.exit_db import ExitDB, ExitDBMeta, Metric, collection_name
 from milvus.index import IndexConfig
 from raee.backbones import Backbone
+from raee.calibration import Calibration, fit_calibration
 from raee.keys import KeyEncoder
 from raee.records import ExitRecords, record_ids
 from raee.tasks import Dataset, Task, load_split
@@ -52,8 +53,10 @@ def exit_sets(layer_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.where(correct, gold, 0.0).astype(np.float32)
 
 
-def exit_db_meta(backbone: Backbone, encoder: KeyEncoder, task: Task, *, metric: Metric = "L2") -> ExitDBMeta:
-    """The setup a collection is valid for: records from any other backbone, encoder or template must not mix."""
+def exit_db_meta(backbone: Backbone, encoder: KeyEncoder, task: Task, *, metric: Metric = "L2",
+                 calibrated: bool = False) -> ExitDBMeta:
+    """The setup a collection is valid for: records from any other backbone, encoder, template or calibration
+    must not mix."""
     return ExitDBMeta(
         backbone=backbone.name,
         encoder=encoder.name,
@@ -62,6 +65,7 @@ def exit_db_meta(backbone: Backbone, encoder: KeyEncoder, task: Task, *, metric:
         n_layers=backbone.n_layers,
         dim=encoder.dim,
         metric=metric,
+        calibrated=calibrated,
     )
 
 
@@ -86,15 +90,18 @@ def build_exit_records(
     example_idx: np.ndarray | None = None,
     batch_size: int = 64,
     only_correct: bool = False,
+    calibration: Calibration | None = None,
     show_progress: bool = False,
 ) -> Iterator[ExitRecords]:
     """Yield one ExitRecords per batch of `batch_size` examples of `dataset`, in dataset order.
 
     ids come from (task, split, example_idx[i]); split defaults to dataset.split and example_idx to
     0..N-1 (pass the original indices when `dataset` is a subset). With only_correct, examples the last
-    layer gets wrong are dropped (a batch may then hold fewer records, or none)."""
+    layer gets wrong are dropped (a batch may then hold fewer records, or none). With a calibration, exit
+    sets and stored layer distributions are calibrated (see raee/calibration.py)."""
     for records, _ in _batches(backbone, encoder, task, dataset, split=split, example_idx=example_idx,
-                               batch_size=batch_size, only_correct=only_correct, show_progress=show_progress):
+                               batch_size=batch_size, only_correct=only_correct, calibration=calibration,
+                               show_progress=show_progress):
         yield records
 
 
@@ -109,6 +116,8 @@ def _batches(
     batch_size: int,
     only_correct: bool,
     show_progress: bool,
+    calibration: Calibration | None = None,
+    known_probs: np.ndarray | None = None,
 ) -> Iterator[tuple[ExitRecords, np.ndarray]]:
     """(kept records, exit sets of every example in the batch): the summary counts all processed examples."""
     split = split or dataset.split
@@ -123,7 +132,10 @@ def _batches(
             stop = min(start + batch_size, len(dataset))
             texts = list(dataset.texts[start:stop])
             labels = np.asarray(dataset.labels[start:stop], dtype=np.int64)
-            probs = exit_sets(backbone.layer_probs(texts, task), labels)  # (B, L+1)
+            layer_probs = _layer_probs(backbone, task, texts, known_probs, start)  # (B, L+1, C)
+            if calibration is not None:
+                layer_probs = calibration.apply(layer_probs).astype(np.float32)
+            probs = exit_sets(layer_probs, labels)  # (B, L+1)
             kept = np.flatnonzero(probs[:, -1] > 0) if only_correct else np.arange(len(texts))  # last layer right
             kept_texts = [texts[i] for i in kept]
             vectors = (encoder.encode(kept_texts, task) if kept_texts
@@ -134,9 +146,21 @@ def _batches(
                 exit_probs=probs[kept],
                 labels=labels[kept],
                 texts=tuple(kept_texts),
+                layer_probs=layer_probs[kept],
             )
             bar.update(stop - start)
             yield records, probs
+
+
+def _layer_probs(backbone: Backbone, task: Task, texts: list[str], known: np.ndarray | None,
+                 start: int) -> np.ndarray:
+    """backbone.layer_probs(texts), taking rows start.. of `known` (already computed) where it has them."""
+    have = known[start : start + len(texts)] if known is not None else np.zeros((0,))
+    rest = texts[len(have):]
+    if not rest:
+        return have
+    computed = backbone.layer_probs(rest, task)
+    return np.concatenate([have, computed]) if len(have) else computed
 
 
 def build_database(
@@ -155,6 +179,8 @@ def build_database(
     token: str | None = None,
     index: IndexConfig | None = None,
     batch_size: int = 64,
+    calibrate: bool = False,
+    calibration_examples: int = 2000,
     show_progress: bool = True,
 ) -> BuildSummary:
     """Build (or complete, or refresh) the exit database of `task` from its training split.
@@ -162,20 +188,35 @@ def build_database(
     dataset defaults to the task's train split under data_dir; fraction < 1 keeps a seeded random subset
     of it (same seed, same subset, same record ids). collection defaults to `variant_collection(...)`.
     Rows are upserted batch by batch, so an interrupted build can simply be run again. index: see
-    milvus/index.py (None: FLAT for a new collection, as built for an existing one)."""
+    milvus/index.py (None: FLAT for a new collection, as built for an existing one).
+
+    calibrate: fit a contextual calibration on the first `calibration_examples` of a seeded shuffle of the
+    (training) examples, store it with the collection and write calibrated exit sets; their forward pass
+    is reused for their records, so calibrating costs no extra pass. An existing calibrated collection keeps
+    the calibration it was built with, so a resumed build stays consistent."""
     _check_fraction(fraction)
     dataset = dataset if dataset is not None else load_split(task, "train", data_dir)
+    if calibrate and dataset.split != "train":
+        raise ValueError(f"calibration is fitted on the training split only, got the {dataset.split!r} split")
+    if calibration_examples < 1:
+        raise ValueError(f"calibration_examples must be >= 1, got {calibration_examples}")
     rows = subset_indices(len(dataset), fraction, seed)
+    if calibrate:  # a shuffled order makes the first examples a fair sample (LM-BFF files are grouped by label)
+        rows = rows[np.random.default_rng(seed).permutation(len(rows))]
     example_idx = dataset.example_idx[rows]  # file positions: record ids stay stable across subsets
     subset = Dataset(task, dataset.split, tuple(dataset.texts[i] for i in rows), dataset.labels[rows], example_idx)
-    meta = exit_db_meta(backbone, encoder, task, metric=metric)
+    meta = exit_db_meta(backbone, encoder, task, metric=metric, calibrated=calibrate)
     collection = collection or variant_collection(meta, only_correct=only_correct, fraction=fraction, seed=seed)
     start = time.perf_counter()
     n_records = n_no_correct = n_full_correct = 0
-    with ExitDB(db_uri, collection=collection, meta=meta, token=token, index=index) as db:
+    known = calibration = None
+    if calibrate:
+        known = backbone.layer_probs(subset.texts[:calibration_examples], task, show_progress=show_progress)
+        calibration = fit_calibration(known)
+    with ExitDB(db_uri, collection=collection, meta=meta, token=token, index=index, calibration=calibration) as db:
         for records, probs in _batches(backbone, encoder, task, subset, split=dataset.split, example_idx=example_idx,
                                        batch_size=batch_size, only_correct=only_correct,
-                                       show_progress=show_progress):
+                                       show_progress=show_progress, calibration=db.calibration, known_probs=known):
             n_records += db.upsert(records)
             n_no_correct += int((probs == 0).all(axis=1).sum())
             n_full_correct += int((probs[:, -1] > 0).sum())

@@ -136,19 +136,26 @@ class BatchEngine:
         t3 = time.perf_counter()
         preds = self.backbone.predict(texts, task, exit_layers)
         t4 = time.perf_counter()
+        probs = preds.probs  # (B, C) at each text's exit layer
+        if db.calibration is not None:  # the correction the database's exit sets were computed with
+            probs = db.calibration.apply_at(probs, preds.exit_layers)
+        probs = self.policy.final_probs(probs, neighbours)  # (B, C): the policy's answer
+        labels = probs.argmax(axis=1)
+        t5 = time.perf_counter()
         words = task.label_words(self.backbone.style)
         responses = [
             Response(
-                label=int(preds.labels[b]),
-                label_word=words[int(preds.labels[b])],
+                label=int(labels[b]),
+                label_word=words[int(labels[b])],
                 exit_layer=int(preds.exit_layers[b]),
-                probs=tuple(float(p) for p in preds.probs[b]),
+                probs=tuple(float(p) for p in probs[b]),
                 neighbours=_neighbours(neighbours, b, words) if request.explain else None,
                 truncated=bool(preds.truncated[b]),
             )
             for b, request in enumerate(requests)
         ]
-        return responses, StageTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0, len(requests), 1)
+        policy_s = (t3 - t2) + (t5 - t4)  # exit choice and answer
+        return responses, StageTimes(t1 - t0, t2 - t1, policy_s, t4 - t3, time.perf_counter() - t0, len(requests), 1)
 
     def _db(self, task: Task) -> ExitDB:
         db = self.dbs[task.name] if isinstance(self.dbs, Mapping) else self.dbs(task)
@@ -166,6 +173,9 @@ class BatchEngine:
         }
         diffs = [f"{k}: database {getattr(meta, k)!r} != engine {v!r}" for k, v in expected.items()
                  if getattr(meta, k) != v]
+        if meta.calibrated != self.policy.calibrated:
+            want = "a calibrated" if self.policy.calibrated else "an uncalibrated"
+            diffs.append(f"the policy needs {want} database (build it with the same --policy)")
         if diffs:
             raise ValueError(f"exit database {db.collection!r} was built for another setup ({'; '.join(diffs)}); "
                              "rebuild it with this backbone/encoder or point the engine at the matching one")

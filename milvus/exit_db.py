@@ -37,6 +37,7 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from milvus.index import IndexConfig
+from raee.calibration import Calibration
 from raee.records import ExitRecords, Neighbours
 
 Metric = Literal["L2", "IP", "COSINE"]
@@ -44,9 +45,12 @@ Consistency = Literal["Session", "Strong", "Bounded", "Eventually"]
 
 META_PROPERTY = "raee.meta"  # collection property holding ExitDBMeta as JSON
 INDEX_PROPERTY = "raee.index"  # the IndexConfig it was built with (Lite's describe_index omits params)
-SCHEMA_VERSION = "1"
+CALIBRATION_PROPERTY = "raee.calibration"  # raee.calibration.Calibration as JSON, for calibrated collections
+SCHEMA_VERSION = "2"  # 2 added the per-layer label distributions (layer_probs)
 _METRICS = ("L2", "IP", "COSINE")
 _ID, _VECTOR, _PROBS, _LABEL, _TEXT = "id", "vector", "exit_probs", "label", "text"
+_LAYER_PROBS = "layer_probs"  # (L+1) * C floats, flattened; empty when a record was written without them
+_MAX_ARRAY = 4096  # Milvus' ARRAY max_capacity limit
 _MAX_K = 16384  # Milvus' topk limit
 # Milvus Lite's FLAT search materialises a (queries, rows, D) float32 array per segment (measured: 29 GiB
 # for 256 queries over 80k rows of D=384), so on Lite the query batch is split to stay under this size.
@@ -93,6 +97,7 @@ class ExitDBMeta:
     n_layers: int  # L; records hold L+1 exit probabilities (layer 0 = embeddings)
     dim: int  # key vector dimension D
     metric: Metric = "L2"  # L2 = squared Euclidean, see module docstring
+    calibrated: bool = False  # exit sets from calibrated distributions; the Calibration is stored beside
 
     def __post_init__(self) -> None:
         if self.metric not in _METRICS:
@@ -101,7 +106,10 @@ class ExitDBMeta:
             raise ValueError(f"n_layers and dim must be >= 1, got n_layers={self.n_layers}, dim={self.dim}")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        fields_ = asdict(self)
+        if not self.calibrated:
+            del fields_["calibrated"]  # uncalibrated metas keep the JSON (and collection names) of schema 1
+        return json.dumps(fields_, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ExitDBMeta:
@@ -145,7 +153,10 @@ class ExitDB:
         consistency: Consistency = "Session",
         text_max_bytes: int = 2048,
         batch_rows: int = 1000,
+        calibration: Calibration | None = None,
     ) -> None:
+        if calibration is not None and not meta.calibrated:
+            raise ValueError("a calibration was given for an uncalibrated meta (set meta.calibrated=True)")
         if text_max_bytes < 1 or batch_rows < 1:
             raise ValueError(f"text_max_bytes and batch_rows must be >= 1, got {text_max_bytes}, {batch_rows}")
         self.uri = uri
@@ -155,6 +166,8 @@ class ExitDB:
         self.consistency = consistency
         self.batch_rows = batch_rows
         self.is_lite = is_lite_uri(uri)
+        self.calibration = calibration  # the stored one replaces it when the collection exists
+        self.has_layer_probs = True
         self._lite_path = os.path.abspath(uri) if self.is_lite else None
         self._client = self._connect(token)
         try:
@@ -162,6 +175,9 @@ class ExitDB:
                 if self._client.has_collection(collection, timeout=timeout_s):
                     self.index, self.text_max_bytes = self._check_existing(index)
                 else:
+                    if meta.calibrated and calibration is None:
+                        raise ValueError(f"collection {collection!r} does not exist yet and a calibrated one "
+                                         "needs its Calibration (fit it on the training split first)")
                     self.index, self.text_max_bytes = index or IndexConfig(), text_max_bytes
                     self._create()
                 self._client.load_collection(collection, timeout=max(timeout_s, 60.0))
@@ -184,6 +200,7 @@ class ExitDB:
             return 0
         ids, vectors, probs, labels = self._check_records(records)
         texts = [_cap_text(t, self.text_max_bytes) for t in records.texts]
+        dists = self._check_layer_probs(records.layer_probs, n)  # (N, (L+1) * C) or None
         written = 0
         for start in range(0, n, self.batch_rows):
             stop = min(start + self.batch_rows, n)
@@ -198,6 +215,10 @@ class ExitDB:
                     strict=True,
                 )
             ]
+            if self.has_layer_probs:
+                chunk = dists[start:stop].tolist() if dists is not None else [[]] * (stop - start)
+                for row, dist in zip(rows, chunk, strict=True):
+                    row[_LAYER_PROBS] = dist
             with self._op("upsert"):
                 result = self._client.upsert(self.collection, rows, timeout=self.timeout_s)
             written += int(result["upsert_count"])
@@ -222,7 +243,9 @@ class ExitDB:
         labels = np.full((n_queries, k), -1, dtype=np.int64)
         texts = [[""] * k for _ in range(n_queries)] if with_texts else None
         if n_queries:
-            output_fields = [_PROBS, _LABEL, *([_TEXT] if with_texts else [])]
+            output_fields = [_PROBS, _LABEL, *([_TEXT] if with_texts else []),
+                             *([_LAYER_PROBS] if self.has_layer_probs else [])]
+            dists: list[list[float]] = []
             hits: list[list[dict[str, Any]]] = []
             chunk = self._search_chunk(n_queries)
             for start in range(0, n_queries, chunk):
@@ -244,6 +267,8 @@ class ExitDB:
                     distances[q, j] = hit["distance"]
                     exit_probs[q, j] = entity[_PROBS]
                     labels[q, j] = entity[_LABEL]
+                    if self.has_layer_probs:
+                        dists.append(entity[_LAYER_PROBS])
                     if texts is not None:
                         texts[q][j] = entity[_TEXT]
             valid = ids >= 0
@@ -257,6 +282,7 @@ class ExitDB:
             exit_probs=exit_probs,
             labels=labels,
             texts=tuple(tuple(row) for row in texts) if texts is not None else None,
+            layer_probs=self._unflatten(dists, ids >= 0) if self.has_layer_probs and n_queries else None,
         )
 
     def count(self) -> int:
@@ -278,7 +304,8 @@ class ExitDB:
                 rows = self._client.query(
                     self.collection,
                     filter=f"{_ID} in {chunk}",
-                    output_fields=[_ID, _VECTOR, _PROBS, _LABEL, _TEXT],
+                    output_fields=[_ID, _VECTOR, _PROBS, _LABEL, _TEXT,
+                                   *([_LAYER_PROBS] if self.has_layer_probs else [])],
                     consistency_level=self.consistency,
                     timeout=self.timeout_s,
                 )
@@ -292,6 +319,8 @@ class ExitDB:
             exit_probs=np.asarray([r[_PROBS] for r in rows], dtype=np.float32).reshape(-1, n_probs),
             labels=np.asarray([r[_LABEL] for r in rows], dtype=np.int64),
             texts=tuple(r[_TEXT] for r in rows),
+            layer_probs=(self._unflatten([r[_LAYER_PROBS] for r in rows], np.ones(len(rows), dtype=bool))
+                         if self.has_layer_probs and rows else None),
         )
 
     def flush(self, *, wait_index: bool = True, timeout_s: float = 600.0) -> None:
@@ -393,6 +422,7 @@ class ExitDB:
         schema.add_field(_PROBS, DataType.ARRAY, element_type=DataType.FLOAT, max_capacity=self.meta.n_layers + 1)
         schema.add_field(_LABEL, DataType.INT64)
         schema.add_field(_TEXT, DataType.VARCHAR, max_length=self.text_max_bytes)
+        schema.add_field(_LAYER_PROBS, DataType.ARRAY, element_type=DataType.FLOAT, max_capacity=_MAX_ARRAY)
         index_params = self._client.prepare_index_params()
         index_params.add_index(
             field_name=_VECTOR, index_name=_VECTOR, index_type=self.index.kind, metric_type=self.meta.metric,
@@ -402,7 +432,8 @@ class ExitDB:
             self._client.create_collection(
                 self.collection, schema=schema, index_params=index_params, consistency_level="Bounded",
                 properties={META_PROPERTY: self.meta.to_json(), INDEX_PROPERTY: json.dumps(asdict(self.index)),
-                            "raee.schema": SCHEMA_VERSION},
+                            "raee.schema": SCHEMA_VERSION,
+                            **({CALIBRATION_PROPERTY: self.calibration.to_json()} if self.calibration else {})},
                 timeout=self.timeout_s,
             )
         except MilvusException:
@@ -425,6 +456,11 @@ class ExitDB:
             raise MetadataMismatchError(self.collection, stored, self.meta)
         by_name = {f["name"]: f for f in desc["fields"]}
         text_max_bytes = int(by_name[_TEXT]["params"]["max_length"])
+        self.has_layer_probs = _LAYER_PROBS in by_name  # schema 1 collections lack it
+        if self.meta.calibrated:
+            if CALIBRATION_PROPERTY not in properties:
+                raise ExitDBError("open", self.collection, "calibrated collection without its calibration")
+            self.calibration = Calibration.from_json(properties[CALIBRATION_PROPERTY])
         idx = self._client.describe_index(self.collection, index_name=_VECTOR, timeout=self.timeout_s)
         kind = idx.get("index_type")
         if index is not None and index.kind != kind:
@@ -464,6 +500,31 @@ class ExitDB:
             )
         labels = np.asarray(records.labels, dtype=np.int64).reshape(-1)
         return ids, vectors, probs, labels
+
+
+    def _check_layer_probs(self, layer_probs: np.ndarray | None, n: int) -> np.ndarray | None:
+        if layer_probs is None:
+            return None
+        dists = np.asarray(layer_probs, dtype=np.float32)
+        if dists.ndim != 3 or dists.shape[:2] != (n, self.meta.n_layers + 1) or dists.shape[2] < 2:
+            raise ValueError(f"upsert: layer_probs must be (N, L+1, C) = ({n}, {self.meta.n_layers + 1}, C), "
+                             f"got {dists.shape}")
+        if dists[0].size > _MAX_ARRAY:
+            raise ValueError(f"upsert: (L+1) * C = {dists[0].size} label probabilities per record exceed "
+                             f"Milvus' array limit of {_MAX_ARRAY}")
+        if not np.isfinite(dists).all():
+            raise ValueError("upsert: layer_probs contain NaN or inf")
+        return dists.reshape(n, -1)
+
+    def _unflatten(self, flat: list[list[float]], valid: np.ndarray) -> np.ndarray | None:
+        """valid.shape + (L+1, C) from the flat arrays of the valid hits; None if any was written without."""
+        if not flat or any(len(f) == 0 for f in flat):
+            return None
+        n_probs = self.meta.n_layers + 1
+        values = np.asarray(flat, dtype=np.float32).reshape(len(flat), n_probs, -1)  # (hits, L+1, C)
+        out = np.zeros((*valid.shape, n_probs, values.shape[2]), dtype=np.float32)
+        out[valid] = values  # hits fill each row's first slots, in the order valid enumerates them
+        return out
 
 
 class _Wrap:

@@ -8,7 +8,7 @@ tau, exact duplicates, padding, nothing accumulated, ties) are explained in docs
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import numpy as np
@@ -21,6 +21,8 @@ _DUPLICATE_ATOL = 1e-5
 # Scores are summed in float64; two layers whose scores agree to this relative tolerance are a tie
 # (earliest wins), so summation order (a permutation of the neighbours) can never change the exit.
 _TIE_RTOL = 1e-9
+# Probabilities are floored here before a log, so a zero never turns a product of experts into NaN.
+_LOG_FLOOR = 1e-12
 
 
 def neighbour_weights(distances: np.ndarray, *, valid: np.ndarray | None = None) -> np.ndarray:
@@ -112,12 +114,23 @@ def choose_exit_layers(scores: np.ndarray, *, n_layers: int) -> np.ndarray:
 
 
 class Policy(Protocol):
-    """What the inference engine needs from an exit policy: how many neighbours, and the exit layers."""
+    """What the inference engine needs from an exit policy.
+
+    k: neighbours to retrieve; calibrated: whether it needs a calibrated exit database (records' exit sets
+    and layer distributions calibrated, the calibration stored with the collection); exit_layers: one exit
+    per query from its neighbours; final_probs: the label distribution to answer with, from the
+    (calibrated, when `calibrated`) distribution at the exit layer and the same neighbours.
+    """
 
     @property
     def k(self) -> int: ...
 
+    @property
+    def calibrated(self) -> bool: ...
+
     def exit_layers(self, neighbours: Neighbours) -> np.ndarray: ...
+
+    def final_probs(self, exit_probs: np.ndarray, neighbours: Neighbours) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,7 @@ class ExitPolicy:
     tau: float = 0.9
     k: int = 12
     fallback_top: int = 3
+    calibrated: bool = field(default=False, init=False)  # reads the raw exit sets, as the paper does
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.tau <= 1.0:
@@ -142,33 +156,182 @@ class ExitPolicy:
         neighbours with K columns and exit_probs (N, K, L+1) -> (N,) int64 in [0, L]. When K > k only the k
         closest valid neighbours of each row are used; K < k (short results, padding) is fine.
         """
-        distances, exit_probs, valid = neighbours.distances, neighbours.exit_probs, neighbours.valid
-        if distances.shape[1] > self.k:
-            # Padding sorts last (+inf); the stable sort keeps retrieval order among equal distances.
-            keyed = np.where(valid, np.asarray(distances, dtype=np.float64), np.inf)  # (N, K)
-            keep = np.argsort(keyed, axis=1, kind="stable")[:, : self.k]  # (N, k)
-            distances = np.take_along_axis(distances, keep, axis=1)
-            valid = np.take_along_axis(valid, keep, axis=1)
-            exit_probs = np.take_along_axis(exit_probs, keep[..., None], axis=1)
+        nb = closest(neighbours, self.k)
+        distances, exit_probs, valid = nb.distances, nb.exit_probs, nb.valid
         scores = layer_scores(distances, exit_probs, valid=valid,
                               tau=self.tau, fallback_top=self.fallback_top)  # (N, L+1)
         return choose_exit_layers(scores, n_layers=exit_probs.shape[2] - 1)
 
+    def final_probs(self, exit_probs: np.ndarray, neighbours: Neighbours) -> np.ndarray:
+        """The paper answers with the exit layer's own distribution."""
+        return np.asarray(exit_probs, dtype=np.float64)
 
-# Policies by name, for configs and the CLI; later policies register here.
-POLICIES: dict[str, type[Policy]] = {"raee": ExitPolicy}
+
+@dataclass(frozen=True)
+class CalibratedExitPolicy(ExitPolicy):
+    """Eq. 4-6 unchanged, over a calibrated database: exit sets and the answer use calibrated distributions."""
+
+    calibrated: bool = field(default=True, init=False)
+
+
+def knn_prior(
+    weights: np.ndarray, labels: np.ndarray, n_classes: int, *, alpha: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Smoothed neighbour label distributions: the query's, and each neighbour's leave-one-out one.
+
+    weights (N, K) from Eq. 5 (0 for padding), labels (N, K) -> prior (N, C) and loo (N, K, C) with
+    prior[n, c] = (v[n, c] + alpha) / (sum_c v[n, c] + C alpha), v[n, c] = sum_i w[n, i] 1[y[n, i] = c],
+    and loo[n, i] the same with neighbour i's own vote taken out (how its neighbourhood, the query's other
+    neighbours, would have voted for it without seeing its label).
+    """
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0 (it keeps log-priors finite), got {alpha}")
+    w = np.asarray(weights, dtype=np.float64)
+    onehot = (np.asarray(labels)[..., None] == np.arange(n_classes)) & (w[..., None] > 0)  # (N, K, C)
+    own = w[..., None] * onehot  # (N, K, C) each neighbour's vote
+    votes = own.sum(axis=1)  # (N, C)
+    prior = (votes + alpha) / (votes.sum(axis=1, keepdims=True) + n_classes * alpha)
+    loo_votes = votes[:, None, :] - own  # (N, K, C)
+    loo = (loo_votes + alpha) / (loo_votes.sum(axis=2, keepdims=True) + n_classes * alpha)
+    return prior, loo
+
+
+def fuse(layer_probs: np.ndarray, prior: np.ndarray, beta: float) -> np.ndarray:
+    """f[..., c] proportional to p[..., c] * prior[..., c] ** beta: a product of experts, beta the prior's weight.
+
+    layer_probs (..., C) and prior broadcastable to it -> (..., C), rows sum to 1. beta = 0 is the layer
+    alone; large beta tends to the neighbours' vote."""
+    logits = np.log(np.maximum(layer_probs, _LOG_FLOOR)) + beta * np.log(np.maximum(prior, _LOG_FLOOR))
+    logits -= logits.max(axis=-1, keepdims=True)
+    out = np.exp(logits)
+    return out / out.sum(axis=-1, keepdims=True)
+
+
+def fused_reliability(weights: np.ndarray, labels: np.ndarray, layer_probs: np.ndarray, *, beta: float,
+                      alpha: float = 1.0) -> np.ndarray:
+    """r[n, l]: weighted share of the query's neighbours whose fused prediction at layer l is their label.
+
+    weights (N, K) (Eq. 5, 0 for padding), labels (N, K), layer_probs (N, K, L+1, C) the neighbours'
+    (calibrated) label distributions per layer -> (N, L+1) in [0, 1]; all 0 where no neighbour is valid.
+    Each neighbour is fused with its leave-one-out prior, so its own label never votes for itself.
+    """
+    p = np.asarray(layer_probs, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if p.ndim != 4 or p.shape[:2] != w.shape:
+        raise ValueError(f"layer_probs must be (N, K, L+1, C) to match weights {w.shape}, got {p.shape}")
+    _, loo = knn_prior(w, labels, p.shape[3], alpha=alpha)  # (N, K, C)
+    fused = fuse(p, loo[:, :, None, :], beta)  # (N, K, L+1, C)
+    correct = fused.argmax(axis=3) == np.asarray(labels)[..., None]  # (N, K, L+1); ties -> lower class
+    total = w.sum(axis=1, keepdims=True)  # (N, 1)
+    hits = np.einsum("nk,nkl->nl", w, correct.astype(np.float64))
+    return np.divide(hits, total, out=np.zeros_like(hits), where=total > 0)
+
+
+def earliest_reliable_layer(reliability: np.ndarray, *, slack: float) -> np.ndarray:
+    """exit[n] = min{l : r[n, l] >= max_l r[n, l] - slack}; the full model L where r[n] is all 0.
+
+    reliability (N, L+1) in [0, 1] -> (N,) int64. slack = 0 is the earliest of the most reliable layers;
+    a larger slack accepts a less reliable layer for an earlier exit (the depth-accuracy knob)."""
+    r = np.asarray(reliability, dtype=np.float64)
+    if r.ndim != 2:
+        raise ValueError(f"reliability must be (N, L+1), got shape {r.shape}")
+    if not 0.0 <= slack <= 1.0:
+        raise ValueError(f"slack must lie in [0, 1], got {slack}")
+    best = r.max(axis=1, keepdims=True)  # (N, 1)
+    good = r >= best - slack - _TIE_RTOL  # (N, L+1)
+    first = np.argmax(good, axis=1)
+    return np.where(best[:, 0] > 0, first, r.shape[1] - 1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class FusedPolicy:
+    """Calibrated layer x neighbour vote: exit at the earliest layer whose fused prediction is (nearly) as
+    reliable among the retrieved neighbours as the best layer's, and answer with the fused distribution.
+
+    beta weighs the neighbours' vote against the layer, slack trades accuracy for depth, alpha smooths the
+    vote. See docs/exit-policies.md for the maths and how the defaults were chosen.
+    """
+
+    k: int = 12
+    beta: float = 1.0
+    slack: float = 0.0
+    alpha: float = 1.0
+    calibrated: bool = field(default=True, init=False)
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if not 0.0 <= self.slack <= 1.0:
+            raise ValueError(f"slack must lie in [0, 1], got {self.slack}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+
+    def reliability(self, neighbours: Neighbours) -> np.ndarray:
+        """(N, L+1) fused_reliability over the k closest valid neighbours."""
+        nb = closest(neighbours, self.k)
+        if nb.layer_probs is None:
+            raise ValueError("the fused policy needs the neighbours' per-layer label distributions; this exit "
+                             "database does not store them (built before schema 2): rebuild it")
+        w = neighbour_weights(nb.distances, valid=nb.valid)
+        return fused_reliability(w, nb.labels, nb.layer_probs, beta=self.beta, alpha=self.alpha)
+
+    def exit_layers(self, neighbours: Neighbours) -> np.ndarray:
+        return earliest_reliable_layer(self.reliability(neighbours), slack=self.slack)
+
+    def final_probs(self, exit_probs: np.ndarray, neighbours: Neighbours) -> np.ndarray:
+        """fuse(exit-layer distribution, the query's neighbour prior): (N, C) -> (N, C)."""
+        nb = closest(neighbours, self.k)
+        probs = np.asarray(exit_probs, dtype=np.float64)
+        w = neighbour_weights(nb.distances, valid=nb.valid)
+        prior, _ = knn_prior(w, nb.labels, probs.shape[1], alpha=self.alpha)
+        return fuse(probs, prior, self.beta)
+
+
+def closest(neighbours: Neighbours, k: int) -> Neighbours:
+    """The k closest valid neighbours of each row (padding sorts last; stable among equal distances)."""
+    if neighbours.distances.shape[1] <= k:
+        return neighbours
+    keyed = np.where(neighbours.valid, np.asarray(neighbours.distances, dtype=np.float64), np.inf)  # (N, K)
+    keep = np.argsort(keyed, axis=1, kind="stable")[:, :k]  # (N, k)
+
+    def take(a: np.ndarray | None) -> np.ndarray | None:
+        if a is None:
+            return None
+        return np.take_along_axis(a, keep.reshape(keep.shape + (1,) * (a.ndim - 2)), axis=1)
+
+    texts = None if neighbours.texts is None else tuple(
+        tuple(row[j] for j in cols) for row, cols in zip(neighbours.texts, keep.tolist(), strict=True))
+    return Neighbours(take(neighbours.ids), take(neighbours.distances), take(neighbours.exit_probs),
+                      take(neighbours.labels), texts, take(neighbours.layer_probs))
+
+
+# Policies by name, for configs and the CLI: name -> a constructor taking the policy's keyword parameters.
+POLICIES: dict[str, type[Policy]] = {"raee": ExitPolicy, "raee-cal": CalibratedExitPolicy, "fused": FusedPolicy}
 
 
 def get_policy(name: str, **params: object) -> Policy:
     """POLICIES[name](**params), with an error naming the known policies or the accepted parameters."""
     if name not in POLICIES:
         raise ValueError(f"unknown exit policy {name!r}; known policies: {', '.join(sorted(POLICIES))}")
-    cls = POLICIES[name]
-    accepted = {f.name for f in fields(cls)} if hasattr(cls, "__dataclass_fields__") else None
-    unknown = sorted(set(params) - accepted) if accepted is not None else []
+    make = POLICIES[name]
+    accepted = _parameters(make)
+    unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(f"policy {name!r} has no parameter(s) {unknown}; it accepts {sorted(accepted)}")
-    return cls(**params)
+    return make(**params)
+
+
+def policy_parameters(name: str) -> set[str]:
+    """The keyword parameters policy `name` accepts (for CLI and config validation)."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown exit policy {name!r}; known policies: {', '.join(sorted(POLICIES))}")
+    return _parameters(POLICIES[name])
+
+
+def _parameters(make: type[Policy]) -> set[str]:
+    return {f.name for f in fields(make) if f.init}
 
 
 def knn_vote(

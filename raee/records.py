@@ -20,11 +20,14 @@ class ExitRecords:
     exit_probs: np.ndarray  # (N, L+1) float32 gold-label prob per layer, 0 where that layer is wrong
     labels: np.ndarray  # (N,) int64 gold labels
     texts: tuple[str, ...]  # (N,) source sentences, for explanations
+    layer_probs: np.ndarray | None = None  # (N, L+1, C) float32 label distribution per layer (fused policy)
 
     def __post_init__(self) -> None:
         n = len(self.ids)
         sizes = {"vectors": len(self.vectors), "exit_probs": len(self.exit_probs), "labels": len(self.labels),
                  "texts": len(self.texts)}
+        if self.layer_probs is not None:
+            sizes["layer_probs"] = len(self.layer_probs)
         bad = {name: size for name, size in sizes.items() if size != n}
         if bad:
             raise ValueError(f"ExitRecords fields disagree on N: ids has {n}, {bad}")
@@ -45,6 +48,7 @@ class Neighbours:
     exit_probs: np.ndarray  # (N, K, L+1) float32 gold-label prob per layer, 0 where wrong
     labels: np.ndarray  # (N, K) int64
     texts: tuple[tuple[str, ...], ...] | None = None  # (N, K) source texts when asked for
+    layer_probs: np.ndarray | None = None  # (N, K, L+1, C) float32 label distribution per layer, when stored
 
     @property
     def valid(self) -> np.ndarray:

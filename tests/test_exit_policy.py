@@ -10,6 +10,7 @@ from hypothesis.extra.numpy import arrays
 
 from raee.exit_policy import (
     POLICIES,
+    FusedPolicy,
     ExitPolicy,
     choose_exit_layers,
     confidence_exit,
@@ -130,8 +131,12 @@ def test_exit_policy_on_neighbours_with_padding():
 def test_policy_registry():
     assert POLICIES["raee"] is ExitPolicy
     assert get_policy("raee", tau=0.8, k=4) == ExitPolicy(tau=0.8, k=4)
-    with pytest.raises(ValueError, match="known policies: raee"):
+    assert get_policy("raee-cal", k=4).calibrated and not get_policy("raee").calibrated
+    assert get_policy("fused", beta=2.0, slack=0.1) == FusedPolicy(beta=2.0, slack=0.1)
+    with pytest.raises(ValueError, match="known policies: fused, raee, raee-cal"):
         get_policy("nope")
+    with pytest.raises(ValueError, match="accepts"):
+        get_policy("raee", calibrated=True)  # fixed by the policy's name, not a parameter
     with pytest.raises(ValueError, match="accepts"):
         get_policy("raee", tua=0.8)
     with pytest.raises(ValueError, match="tau"):
