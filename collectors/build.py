@@ -133,23 +133,39 @@ def _batches(
             texts = list(dataset.texts[start:stop])
             labels = np.asarray(dataset.labels[start:stop], dtype=np.int64)
             layer_probs = _layer_probs(backbone, task, texts, known_probs, start)  # (B, L+1, C)
-            if calibration is not None:
-                layer_probs = calibration.apply(layer_probs).astype(np.float32)
-            probs = exit_sets(layer_probs, labels)  # (B, L+1)
-            kept = np.flatnonzero(probs[:, -1] > 0) if only_correct else np.arange(len(texts))  # last layer right
-            kept_texts = [texts[i] for i in kept]
-            vectors = (encoder.encode(kept_texts, task) if kept_texts
-                       else np.zeros((0, encoder.dim), dtype=np.float32))  # (b, D)
-            records = ExitRecords(
-                ids=record_ids(task.name, split, idx_all[start:stop][kept]),
-                vectors=vectors,
-                exit_probs=probs[kept],
-                labels=labels[kept],
-                texts=tuple(kept_texts),
-                layer_probs=layer_probs[kept],
-            )
+            records, probs = exit_records(task, split, idx_all[start:stop], texts, labels, layer_probs, encoder,
+                                          calibration=calibration, only_correct=only_correct)
             bar.update(stop - start)
             yield records, probs
+
+
+def exit_records(task: Task, split: str, example_idx: np.ndarray, texts: list[str], labels: np.ndarray,
+                 layer_probs: np.ndarray, encoder: KeyEncoder | np.ndarray, *, calibration: Calibration | None = None,
+                 only_correct: bool = False) -> tuple[ExitRecords, np.ndarray]:
+    """Records for examples whose layer distributions are known, and the exit sets of all of them.
+
+    layer_probs (N, L+1, C) raw; encoder: a KeyEncoder, or the (N, D) keys when already encoded. With a
+    calibration, exit sets and stored distributions are calibrated. only_correct keeps the examples whose
+    last layer is right (after calibration, if any)."""
+    if calibration is not None:
+        layer_probs = calibration.apply(layer_probs).astype(np.float32)
+    probs = exit_sets(layer_probs, labels)  # (N, L+1)
+    kept = np.flatnonzero(probs[:, -1] > 0) if only_correct else np.arange(len(texts))
+    kept_texts = [texts[i] for i in kept]
+    if isinstance(encoder, np.ndarray):
+        vectors = encoder[kept]
+    else:
+        vectors = (encoder.encode(kept_texts, task) if kept_texts
+                   else np.zeros((0, encoder.dim), dtype=np.float32))  # (b, D)
+    records = ExitRecords(
+        ids=record_ids(task.name, split, np.asarray(example_idx)[kept]),
+        vectors=vectors,
+        exit_probs=probs[kept],
+        labels=labels[kept],
+        texts=tuple(kept_texts),
+        layer_probs=np.asarray(layer_probs, dtype=np.float32)[kept],
+    )
+    return records, probs
 
 
 def _layer_probs(backbone: Backbone, task: Task, texts: list[str], known: np.ndarray | None,

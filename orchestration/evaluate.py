@@ -1,10 +1,13 @@
-"""`raee eval`: the paper's Table 1 / Table 8 comparison, measured on one backbone and the same test sets.
+"""`raee eval`: the paper's Table 1 / Table 8 comparison plus the calibrated policies, on one backbone.
 
-Per task: the training split is run through the backbone once (Alg. 3.1) and written to two exit databases
-(all examples; only those the full model gets right = "RAEE w/o"). The test split is run once with every
-layer recorded, which yields the full-model, fixed-truncation, confidence-exit and oracle predictions;
-RAEE itself runs through the real inference engine (one Milvus search per batch, truncated forwards), and
-its predictions are cross-checked against the recorded layers (the exactness contract).
+Per task the training split is divided, with a seed, into a held-out tuning slice and the database examples.
+The database examples run through the backbone once (Alg. 3.1); their layer distributions give the per-layer
+calibration (training split only) and three exit databases: raw (the paper), only-correct ("RAEE w/o") and
+calibrated (`raee-cal`, `fused`). The tuning slice picks the fused policy's knobs under the depth budget;
+the test split is never used to choose anything. The test split is run once with every layer recorded: every
+method's prediction is read from the recorded layers (the exactness contract), and each retrieval policy also
+runs through the real inference engine (one Milvus search per batch, truncated forwards) to check that the
+engine answers the same. Forward passes are cached on disk (orchestration/forward_cache.py).
 """
 
 from __future__ import annotations
@@ -15,28 +18,41 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from collectors.build import build_exit_records, exit_db_meta, subset_indices, variant_collection
+from collectors.build import exit_db_meta, exit_records, subset_indices, variant_collection
 from inference_workers.engine import BatchEngine
 from milvus.exit_db import ExitDB
+from orchestration.forward_cache import cached_layer_probs
 from raee.backbones import Backbone
-from raee.exit_policy import ExitPolicy, confidence_exit, knn_vote, oracle_exit
+from raee.calibration import Calibration, fit_calibration
+from raee.exit_policy import (
+    CalibratedExitPolicy,
+    ExitPolicy,
+    FusedPolicy,
+    Policy,
+    closest,
+    confidence_exit,
+    knn_vote,
+    oracle_exit,
+)
 from raee.keys import KeyEncoder
-from raee.records import ExitRecords, Neighbours, record_ids
-from raee.tasks import Task, load_split, score, score_per_layer
+from raee.records import ExitRecords, Neighbours
+from raee.tasks import Dataset, Task, load_split, score, score_per_layer
 
 log = logging.getLogger(__name__)
 
-METHODS = ["full", "raee", "raee_wo", "fixed_trunc", "confidence", "knn", "oracle"]
+METHODS = ["full", "raee", "raee_wo", "raee_cal", "fused", "fixed_trunc", "confidence", "knn", "oracle"]
 METHOD_TITLES = {
-    "full": "Full model (last layer)", "raee": "RAEE", "raee_wo": "RAEE w/o (only-correct db)",
+    "full": "Full model (last layer)", "raee": "RAEE (paper)", "raee_wo": "RAEE w/o (only-correct db)",
+    "raee_cal": "RAEE, calibrated db (new)", "fused": "Fused: calibrated layer x neighbour vote (new)",
     "fixed_trunc": "Fixed truncation at RAEE's mean exit", "confidence": "Confidence exit (zero-shot)",
     "knn": "kNN label vote (no backbone)", "oracle": "Oracle (earliest correct layer)",
 }
+ENGINE_METHODS = ("raee", "raee_cal", "fused")  # retrieval policies that also run through the inference engine
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Knobs of one evaluation run; defaults are the paper's (k=12, tau=0.9)."""
+    """Knobs of one evaluation run; defaults are the paper's (k=12, tau=0.9) and docs/exit-policies.md's."""
 
     k: int = 12
     tau: float = 0.9
@@ -51,134 +67,223 @@ class EvalConfig:
     fraction_sweep: tuple[float, ...] = ()
     seed: int = 0
     rebuild: bool = False
+    tune_examples: int = 500  # held-out training examples that choose the fused policy's knobs
+    depth_budget: float = 0.6  # the tuned fused policy may exit at most this share of the layers on average
+    fused_betas: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    fused_slacks: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+    curve_slacks: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 1.0)
+    engine_check_examples: int | None = None  # test examples each retrieval policy runs through the engine
+    cache_dir: str | None = None  # forward-pass cache (None: no cache)
 
 
 @dataclass
 class TaskResult:
-    """Scores and mean exit layers per method for one task, plus latency and sweeps."""
+    """Scores and mean exit layers per method for one task, plus tuning, latency, sweeps and diagnostics."""
 
     task: str
     metric: str
     n_train: int
     n_test: int
     n_layers: int
+    n_tune: int = 0
     scores: dict[str, float] = field(default_factory=dict)
     mean_exit: dict[str, float] = field(default_factory=dict)
-    raee_engine_mismatches: int = 0  # engine predictions that differ from the recorded layer (should be 0)
+    engine_mismatches: dict[str, int] = field(default_factory=dict)  # engine vs recorded answers (should be 0)
+    engine_checked: int = 0  # test examples each retrieval policy ran through the engine
     share_train_no_correct_layer: float = 0.0
-    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # batch size -> method -> ms/example
+    fused_params: dict[str, float] = field(default_factory=dict)  # chosen on the tuning slice
+    tune_grid: list[dict[str, float]] = field(default_factory=list)  # (beta, slack, score, mean_exit) on it
+    depth_curve: list[dict[str, float]] = field(default_factory=list)  # test: fused with the chosen beta per slack
+    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # batch size -> figure -> value
     k_sweep: dict[str, dict[str, float]] = field(default_factory=dict)
     fraction_sweep: dict[str, dict[str, float]] = field(default_factory=dict)
     build_seconds: float = 0.0
-    exit_histogram: list[int] = field(default_factory=list)
+    exit_histogram: list[int] = field(default_factory=list)  # RAEE (paper)
+    fused_exit_histogram: list[int] = field(default_factory=list)
     layer_scores: list[float] = field(default_factory=list)  # (L+1,) metric of each layer's argmax on test
+    layer_scores_calibrated: list[float] = field(default_factory=list)  # the same after calibration
+    constant_share: list[float] = field(default_factory=list)  # (L+1,) share given the layer's commonest class
+    constant_share_calibrated: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 @dataclass(frozen=True)
-class _TestPass:
-    layer_probs: np.ndarray  # (N, L+1, C)
+class _Pass:
+    """One split's recorded forward pass: every layer's label distribution, keys, labels."""
+
+    layer_probs: np.ndarray  # (N, L+1, C) raw
     keys: np.ndarray  # (N, D)
     labels: np.ndarray  # (N,)
     texts: tuple[str, ...]
 
 
+def split_train(train: Dataset, limit: int | None, n_tune: int, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(database examples, tuning slice): disjoint seeded subsets of the training split, both in file order.
+
+    The tuning slice takes the first n_tune of a seeded permutation, the database the next `limit` (all the
+    rest when None), so hyper-parameters are chosen on training examples the database does not hold."""
+    if n_tune < 0 or n_tune >= len(train):
+        raise ValueError(f"tune_examples must lie in [0, {len(train)}) for {len(train)} training examples, "
+                         f"got {n_tune}")
+    perm = np.random.default_rng(seed).permutation(len(train))
+    rest = perm[n_tune:]
+    return train._take(np.sort(rest if limit is None else rest[:limit])), train._take(np.sort(perm[:n_tune]))
+
+
 def evaluate_task(task: Task, backbone: Backbone, encoder: KeyEncoder, config: EvalConfig, *,
                   data_dir: str | None = None, quiet: bool = False, figure_dir: str | None = None) -> TaskResult:
     """All methods of the comparison on one task (see module docstring)."""
-    train = load_split(task, "train", data_dir).sample(config.limit_train, config.seed)
+    train, tune = split_train(load_split(task, "train", data_dir), config.limit_train, config.tune_examples,
+                              config.seed)
     test = load_split(task, "test", data_dir).sample(config.limit_test, config.seed)
-    policy = ExitPolicy(tau=config.tau, k=config.k)
-    meta = exit_db_meta(backbone, encoder, task)
-    result = TaskResult(task.name, task.metric, len(train), len(test), backbone.n_layers)
-    full_name = variant_collection(meta) + (f"_n{len(train)}" if config.limit_train else "")
-    with ExitDB(config.db_uri, collection=full_name, meta=meta) as full_db, \
-         ExitDB(config.db_uri, collection=full_name + "_only_correct", meta=meta) as correct_db:
-        start = time.perf_counter()
-        records = _build_both(backbone, encoder, task, train, full_db, correct_db, rebuild=config.rebuild,
-                              quiet=quiet)
+    n_layers = backbone.n_layers
+    result = TaskResult(task.name, task.metric, len(train), len(test), n_layers, n_tune=len(tune))
+
+    start = time.perf_counter()
+    tr = _record(backbone, encoder, train, config, quiet)
+    calibration = fit_calibration(tr.layer_probs)  # the training split's database examples, nothing else
+    meta, meta_cal = (exit_db_meta(backbone, encoder, task, calibrated=c) for c in (False, True))
+    suffix = f"_n{len(train)}_tune{len(tune)}_seed{config.seed}"
+    with ExitDB(config.db_uri, collection=variant_collection(meta) + suffix, meta=meta) as raw_db, \
+         ExitDB(config.db_uri, collection=variant_collection(meta, only_correct=True) + suffix, meta=meta) as wo_db, \
+         ExitDB(config.db_uri, collection=variant_collection(meta_cal) + suffix, meta=meta_cal,
+                calibration=calibration) as cal_db:
+        if not np.allclose(cal_db.calibration.bias, calibration.bias):
+            raise ValueError(f"{cal_db.collection} holds another calibration; rerun with rebuild=True")
+        records = _write(task, train, tr, calibration, raw_db, wo_db, cal_db, rebuild=config.rebuild)
         result.build_seconds = round(time.perf_counter() - start, 1)
         result.share_train_no_correct_layer = float(np.mean((records.exit_probs == 0).all(axis=1)))
 
-        t = _test_pass(backbone, encoder, task, test, quiet)
-        result.layer_scores = score_per_layer(task, t.layer_probs.argmax(-1), t.labels).tolist()
-        engine = BatchEngine(backbone, encoder, {task.name: full_db}, policy)
-        responses = []
-        for start_idx in range(0, len(t.texts), 64):
-            responses += engine.classify(list(t.texts[start_idx : start_idx + 64]), task)
-        raee_exits = np.array([r.exit_layer for r in responses], dtype=np.int64)
-        raee_preds = np.array([r.label for r in responses], dtype=np.int64)
-        recorded = t.layer_probs[np.arange(len(raee_exits)), raee_exits].argmax(-1)
-        result.raee_engine_mismatches = int((recorded != raee_preds).sum())
+        t = _record(backbone, encoder, test, config, quiet)
+        cal_probs = calibration.apply(t.layer_probs)  # (N, L+1, C)
+        for key, probs in (("", t.layer_probs), ("_calibrated", cal_probs)):
+            preds = probs.argmax(-1)  # (N, L+1)
+            setattr(result, "layer_scores" + key, score_per_layer(task, preds, t.labels).tolist())
+            counts = (preds[..., None] == np.arange(task.n_classes)).sum(axis=0)  # (L+1, C)
+            setattr(result, "constant_share" + key, (counts.max(axis=1) / max(len(preds), 1)).tolist())
 
-        found = full_db.search(t.keys, k=max((config.k, *config.k_sweep)))
-        wo_exits = policy.exit_layers(correct_db.search(t.keys, k=config.k))
-        n_layers = backbone.n_layers
-        fixed = round(float(raee_exits.mean())) if len(raee_exits) else n_layers
-        exits = {
-            "full": np.full(len(t.texts), n_layers), "raee": raee_exits, "raee_wo": wo_exits,
-            "fixed_trunc": np.full(len(t.texts), fixed),
-            "confidence": confidence_exit(t.layer_probs, config.confidence_threshold),
-            "oracle": oracle_exit(t.layer_probs, t.labels),
-        }
-        for method, layers in exits.items():
-            preds = raee_preds if method == "raee" else _preds_at(t.layer_probs, layers)
-            result.scores[method] = score(task, preds, t.labels)
-            result.mean_exit[method] = float(np.mean(layers)) if len(layers) else float("nan")
-        top_k = _top(found, config.k)
-        knn = knn_vote(top_k.distances, top_k.labels, task.n_classes).argmax(-1)
-        result.scores["knn"] = score(task, knn, t.labels)
+        # Knobs of the fused policy: chosen on the tuning slice, under the depth budget.
+        u = _record(backbone, encoder, tune, config, quiet)
+        fused, result.tune_grid = tune_fused(cal_db.search(u.keys, k=config.k), calibration.apply(u.layer_probs),
+                                             u.labels, task, config, n_layers)
+        result.fused_params = {"k": fused.k, "beta": fused.beta, "slack": fused.slack, "alpha": fused.alpha}
+
+        policies: dict[str, Policy] = {"raee": ExitPolicy(tau=config.tau, k=config.k),
+                                       "raee_cal": CalibratedExitPolicy(tau=config.tau, k=config.k), "fused": fused}
+        dbs = {"raee": raw_db, "raee_cal": cal_db, "fused": cal_db}
+        found = raw_db.search(t.keys, k=max((config.k, *config.k_sweep)))
+        found_cal = cal_db.search(t.keys, k=config.k)
+        exits = {"full": np.full(len(test), n_layers), "raee_wo": ExitPolicy(tau=config.tau, k=config.k)
+                 .exit_layers(wo_db.search(t.keys, k=config.k)),
+                 "confidence": confidence_exit(t.layer_probs, config.confidence_threshold),
+                 "oracle": oracle_exit(t.layer_probs, t.labels)}
+        preds = {method: _preds_at(t.layer_probs, layers) for method, layers in exits.items()}
+        for method, policy in policies.items():
+            nb = found_cal if policy.calibrated else found
+            exits[method] = policy.exit_layers(nb)
+            preds[method] = answers(policy, t.layer_probs, exits[method], nb,
+                                    calibration if policy.calibrated else None)
+        exits["fixed_trunc"] = np.full(len(test), round(float(exits["raee"].mean())) if len(test) else n_layers)
+        preds["fixed_trunc"] = _preds_at(t.layer_probs, exits["fixed_trunc"])
+        for method in exits:
+            result.scores[method] = score(task, preds[method], t.labels)
+            result.mean_exit[method] = float(np.mean(exits[method])) if len(test) else float("nan")
+        knn = closest(found, config.k)
+        result.scores["knn"] = score(task, knn_vote(knn.distances, knn.labels, task.n_classes).argmax(-1), t.labels)
         result.mean_exit["knn"] = 0.0
-        result.exit_histogram = np.bincount(raee_exits, minlength=n_layers + 1).tolist()
-        result.k_sweep = {str(k): _policy_point(ExitPolicy(tau=config.tau, k=k), _top(found, k), t, task)
+
+        engines = {m: BatchEngine(backbone, encoder, {task.name: dbs[m]}, policies[m]) for m in ENGINE_METHODS}
+        n_check = len(test) if config.engine_check_examples is None else min(config.engine_check_examples, len(test))
+        result.engine_checked = n_check
+        for method, engine in engines.items():
+            result.engine_mismatches[method] = _engine_mismatches(engine, task, t.texts[:n_check],
+                                                                  exits[method][:n_check], preds[method][:n_check])
+        result.exit_histogram = np.bincount(exits["raee"], minlength=n_layers + 1).tolist()
+        result.fused_exit_histogram = np.bincount(exits["fused"], minlength=n_layers + 1).tolist()
+        result.depth_curve = [
+            {"slack": slack, **_policy_point(FusedPolicy(config.k, fused.beta, slack, fused.alpha), found_cal, t,
+                                             task, calibration)}
+            for slack in config.curve_slacks]
+        result.k_sweep = {str(k): _policy_point(ExitPolicy(tau=config.tau, k=k), closest(found, k), t, task)
                           for k in config.k_sweep}
-        result.fraction_sweep = _fraction_sweep(records, meta, t, task, policy, config)
-        result.latency_ms = _latency(engine, backbone, task, t.texts, config)
+        result.fraction_sweep = _fraction_sweep(records, meta, t, task, policies["raee"], config)
+        result.latency_ms = _latency(engines, backbone, task, t.texts, config)
         if figure_dir:
-            from orchestration.report import plot_task_figures
+            from orchestration.report import plot_depth_accuracy, plot_task_figures
 
             plot_task_figures(figure_dir, task, t.layer_probs, t.labels, found, result.exit_histogram, config.k)
+            plot_depth_accuracy(figure_dir, result.to_dict())
     return result
 
 
-def _build_both(backbone: Backbone, encoder: KeyEncoder, task: Task, train, full_db: ExitDB, correct_db: ExitDB,
-                *, rebuild: bool, quiet: bool) -> ExitRecords:
-    """Write the full and the only-correct databases from ONE backbone pass; reuse them when complete."""
-    if not rebuild and full_db.count() == len(train):
-        log.info("%s: reusing the complete exit database %s", task.name, full_db.collection)
-        return full_db.get(record_ids(task.name, "train", train.example_idx))
-    parts = []
-    for batch in build_exit_records(backbone, encoder, task, train, example_idx=train.example_idx, batch_size=64,
-                                    show_progress=not quiet):
-        full_db.upsert(batch)
-        keep = batch.exit_probs[:, -1] > 0  # the full model (last layer) is right
-        correct_db.upsert(_select(batch, keep))
-        parts.append(batch)
-    full_db.flush()
-    correct_db.flush()
-    return _concat(parts, encoder.dim, backbone.n_layers)
+def answers(policy: Policy, layer_probs: np.ndarray, exits: np.ndarray, neighbours: Neighbours,
+            calibration: Calibration | None) -> np.ndarray:
+    """What the engine answers, from recorded layers: policy.final_probs at the (calibrated) exit layer -> (N,)."""
+    probs = layer_probs[np.arange(len(exits)), exits]  # (N, C)
+    if calibration is not None:
+        probs = calibration.apply_at(probs, exits)
+    return policy.final_probs(probs, neighbours).argmax(-1)
+
+
+def tune_fused(found: Neighbours, cal_probs: np.ndarray, labels: np.ndarray, task: Task, config: EvalConfig,
+               n_layers: int) -> tuple[FusedPolicy, list[dict[str, float]]]:
+    """The (beta, slack) of the grid that scores best on the tuning slice with a mean exit within the budget.
+
+    Ties go to the shallower setting. If no setting fits the budget, the shallowest one is taken."""
+    grid = []
+    for beta in config.fused_betas:
+        for slack in config.fused_slacks:
+            policy = FusedPolicy(k=config.k, beta=beta, slack=slack)
+            exits = policy.exit_layers(found)
+            preds = policy.final_probs(cal_probs[np.arange(len(exits)), exits], found).argmax(-1)
+            grid.append({"beta": beta, "slack": slack, "score": score(task, preds, labels),
+                         "mean_exit": float(np.mean(exits)) if len(exits) else float("nan")})
+    fits = [g for g in grid if g["mean_exit"] <= config.depth_budget * n_layers]
+    best = (max(fits, key=lambda g: (round(g["score"], 9), -g["mean_exit"])) if fits
+            else min(grid, key=lambda g: g["mean_exit"]))
+    return FusedPolicy(k=config.k, beta=best["beta"], slack=best["slack"]), grid
+
+
+def _record(backbone: Backbone, encoder: KeyEncoder, data: Dataset, config: EvalConfig, quiet: bool) -> _Pass:
+    probs = cached_layer_probs(backbone, data, config.cache_dir, quiet=quiet)
+    keys = encoder.encode(list(data.texts), data.task, show_progress=not quiet) if len(data) else \
+        np.zeros((0, encoder.dim), np.float32)
+    return _Pass(probs, keys, data.labels, data.texts)
+
+
+def _write(task: Task, train: Dataset, tr: _Pass, calibration: Calibration, raw_db: ExitDB, wo_db: ExitDB,
+           cal_db: ExitDB, *, rebuild: bool) -> ExitRecords:
+    """The three databases from ONE recorded pass; rows are rewritten only when a database is incomplete."""
+    texts, idx = list(train.texts), train.example_idx
+    raw, _ = exit_records(task, "train", idx, texts, train.labels, tr.layer_probs, tr.keys)
+    cal, _ = exit_records(task, "train", idx, texts, train.labels, tr.layer_probs, tr.keys, calibration=calibration)
+    wo = _select(raw, raw.exit_probs[:, -1] > 0)  # the full model (last layer) is right
+    for db, records in ((raw_db, raw), (wo_db, wo), (cal_db, cal)):
+        if rebuild or db.count() != len(records):
+            db.upsert(records)
+            db.flush()
+        else:
+            log.info("%s: reusing the complete exit database %s", task.name, db.collection)
+    return raw
 
 
 def _select(records: ExitRecords, keep: np.ndarray) -> ExitRecords:
     return ExitRecords(records.ids[keep], records.vectors[keep], records.exit_probs[keep], records.labels[keep],
-                       tuple(t for t, k in zip(records.texts, keep, strict=True) if k))
+                       tuple(t for t, k in zip(records.texts, keep, strict=True) if k),
+                       None if records.layer_probs is None else records.layer_probs[keep])
 
 
-def _concat(parts: list[ExitRecords], dim: int, n_layers: int) -> ExitRecords:
-    if not parts:
-        return ExitRecords(np.zeros(0, np.int64), np.zeros((0, dim), np.float32),
-                           np.zeros((0, n_layers + 1), np.float32), np.zeros(0, np.int64), ())
-    return ExitRecords(np.concatenate([p.ids for p in parts]), np.concatenate([p.vectors for p in parts]),
-                       np.concatenate([p.exit_probs for p in parts]), np.concatenate([p.labels for p in parts]),
-                       tuple(t for p in parts for t in p.texts))
-
-
-def _test_pass(backbone: Backbone, encoder: KeyEncoder, task: Task, test, quiet: bool) -> _TestPass:
-    probs = backbone.layer_probs(test.texts, task, show_progress=not quiet)
-    keys = encoder.encode(list(test.texts), task, show_progress=not quiet)
-    return _TestPass(probs, keys, test.labels, test.texts)
+def _engine_mismatches(engine: BatchEngine, task: Task, texts: tuple[str, ...], exits: np.ndarray,
+                       preds: np.ndarray) -> int:
+    """Test examples where the engine's exit layer or answer differs from the recorded-layer reading."""
+    responses = []
+    for start in range(0, len(texts), 64):
+        responses += engine.classify(list(texts[start : start + 64]), task)
+    got_exits = np.array([r.exit_layer for r in responses], dtype=np.int64)
+    got = np.array([r.label for r in responses], dtype=np.int64)
+    return int(((got_exits != exits) | (got != preds)).sum())
 
 
 def _preds_at(layer_probs: np.ndarray, layers: np.ndarray) -> np.ndarray:
@@ -186,17 +291,14 @@ def _preds_at(layer_probs: np.ndarray, layers: np.ndarray) -> np.ndarray:
     return layer_probs[np.arange(len(layers)), np.asarray(layers, dtype=np.int64)].argmax(-1)
 
 
-def _top(found: Neighbours, k: int) -> Neighbours:
-    """The k closest of a sorted search result (search returns closest first)."""
-    return Neighbours(found.ids[:, :k], found.distances[:, :k], found.exit_probs[:, :k], found.labels[:, :k])
-
-
-def _policy_point(policy: ExitPolicy, found: Neighbours, t: _TestPass, task: Task) -> dict[str, float]:
+def _policy_point(policy: Policy, found: Neighbours, t: _Pass, task: Task,
+                  calibration: Calibration | None = None) -> dict[str, float]:
     layers = policy.exit_layers(found)
-    return {"score": score(task, _preds_at(t.layer_probs, layers), t.labels), "mean_exit": float(np.mean(layers))}
+    preds = answers(policy, t.layer_probs, layers, found, calibration)
+    return {"score": score(task, preds, t.labels), "mean_exit": float(np.mean(layers)) if len(layers) else 0.0}
 
 
-def _fraction_sweep(records: ExitRecords, meta, t: _TestPass, task: Task, policy: ExitPolicy,
+def _fraction_sweep(records: ExitRecords, meta, t: _Pass, task: Task, policy: Policy,
                     config: EvalConfig) -> dict[str, dict[str, float]]:
     """Table 4: RAEE with a seeded subset of the training records as its database (same records, no rerun)."""
     out = {}
@@ -210,27 +312,27 @@ def _fraction_sweep(records: ExitRecords, meta, t: _TestPass, task: Task, policy
     return out
 
 
-def _latency(engine: BatchEngine, backbone: Backbone, task: Task, texts: tuple[str, ...],
+def _latency(engines: dict[str, BatchEngine], backbone: Backbone, task: Task, texts: tuple[str, ...],
              config: EvalConfig) -> dict[str, dict[str, float]]:
-    """End-to-end ms per example (RAEE: encoder + retrieval + policy + truncated forward) vs the full model.
-
-    Both run on the same texts in the same process, alternating repeats; medians over repeats."""
+    """End-to-end ms per example of each engine (encoder + retrieval + policy + truncated forward) and the
+    full model, on the same texts in the same process, alternating repeats; medians over repeats."""
     sample = list(texts[: config.latency_examples])
     out: dict[str, dict[str, float]] = {}
     for batch_size in config.latency_batch_sizes:
         batches = [sample[i : i + batch_size] for i in range(0, len(sample), batch_size)]
-        full_t, raee_t = [], []
+        times: dict[str, list[float]] = {"full": [], **{m: [] for m in engines}}
         for _ in range(config.latency_repeats):
             start = time.perf_counter()
             for batch in batches:
                 backbone.predict(batch, task, backbone.n_layers)
-            full_t.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            for batch in batches:
-                engine.classify(batch, task)
-            raee_t.append(time.perf_counter() - start)
-        full_ms = 1000 * float(np.median(full_t)) / len(sample)
-        raee_ms = 1000 * float(np.median(raee_t)) / len(sample)
-        out[str(batch_size)] = {"full_ms": round(full_ms, 2), "raee_ms": round(raee_ms, 2),
-                                "speedup": round(full_ms / raee_ms, 3)}
+            times["full"].append(time.perf_counter() - start)
+            for method, engine in engines.items():
+                start = time.perf_counter()
+                for batch in batches:
+                    engine.classify(batch, task)
+                times[method].append(time.perf_counter() - start)
+        ms = {m: 1000 * float(np.median(v)) / max(len(sample), 1) for m, v in times.items()}
+        row = {f"{m}_ms": round(v, 2) for m, v in ms.items()}
+        row.update({f"{m}_speedup": round(ms["full"] / ms[m], 3) for m in engines if ms[m] > 0})
+        out[str(batch_size)] = row
     return out

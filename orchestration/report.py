@@ -14,38 +14,67 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _table(lines: list[str], title: str, tasks: list[str], rows: list[tuple[str, list[float]]], fmt: str,
+           avg: bool = True) -> None:
+    lines += ["", title, "", "| | " + " | ".join(tasks) + (" | avg |" if avg else " |"),
+              "|---" * (len(tasks) + 1 + avg) + "|"]
+    for name, row in rows:
+        lines.append(f"| {name} | " + " | ".join(format(v, fmt) for v in row)
+                     + (f" | {format(_mean(row), fmt)} |" if avg else " |"))
+
+
 def markdown(results: list[dict], *, header: dict) -> str:
-    """Score table (Table 1), mean exit layer table (Table 8), latency table and sweeps, as markdown."""
+    """Score table (Table 1), mean exit layer table (Table 8), latency, tuning, diagnostics and sweeps."""
     from orchestration.evaluate import METHOD_TITLES, METHODS
 
     tasks = [r["task"] for r in results]
+    n_layers = results[0]["n_layers"]
     lines = [f"Backbone `{header['model']}`, key encoder `{header['encoder']}`, k={header['k']}, tau={header['tau']}, "
-             f"confidence threshold {header['confidence_threshold']}; command: `{header['command']}`.", ""]
-    lines += ["### Scores (accuracy; Matthews correlation for CoLA), x100", "",
-              "| method | " + " | ".join(tasks) + " | avg |", "|---" * (len(tasks) + 2) + "|"]
-    for method in METHODS:
-        row = [100 * r["scores"][method] for r in results]
-        lines.append(f"| {METHOD_TITLES[method]} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {_mean(row):.1f} |")
-    lines += ["", f"### Mean exit layer (of {results[0]['n_layers']}; 0 = embeddings, kNN runs no backbone)", "",
-              "| method | " + " | ".join(tasks) + " | avg |", "|---" * (len(tasks) + 2) + "|"]
-    for method in METHODS:
-        row = [r["mean_exit"][method] for r in results]
-        lines.append(f"| {METHOD_TITLES[method]} | " + " | ".join(f"{v:.2f}" for v in row) + f" | {_mean(row):.2f} |")
-    lines += ["", "### End-to-end latency per example (ms; RAEE includes encoder, retrieval and policy)", "",
-              "| task | batch | full model | RAEE | speedup |", "|---|---|---|---|---|"]
+             f"confidence threshold {header['confidence_threshold']}; command: `{header['command']}`."]
+    methods = [m for m in METHODS if m in results[0]["scores"]]
+    _table(lines, "### Scores (accuracy; Matthews correlation for CoLA), x100", tasks,
+           [(METHOD_TITLES[m], [100 * r["scores"][m] for r in results]) for m in methods], ".1f")
+    _table(lines, f"### Mean exit layer (of {n_layers}; 0 = embeddings, kNN runs no backbone)", tasks,
+           [(METHOD_TITLES[m], [r["mean_exit"][m] for r in results]) for m in methods], ".2f")
+
+    lines += ["", "### Fused policy: knobs chosen on the held-out training slice (never on test)", "",
+              "| task | tuning examples | beta | slack | tuning score | tuning mean exit | test score "
+              "| test mean exit |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        p = r.get("fused_params") or {}
+        chosen = [g for g in r.get("tune_grid", []) if g["beta"] == p.get("beta") and g["slack"] == p.get("slack")]
+        if chosen:
+            g = chosen[0]
+            lines.append(f"| {r['task']} | {r['n_tune']} | {p['beta']:g} | {p['slack']:g} | {100 * g['score']:.1f} | "
+                         f"{g['mean_exit']:.2f} | {100 * r['scores']['fused']:.1f} | {r['mean_exit']['fused']:.2f} |")
+
+    lines += ["", "### End-to-end latency per example (ms; retrieval policies include encoder, search and policy)",
+              "", "| task | batch | full model | RAEE | fused | RAEE speedup | fused speedup |",
+              "|---|---|---|---|---|---|---|"]
     for r in results:
         for batch, lat in r["latency_ms"].items():
-            lines.append(f"| {r['task']} | {batch} | {lat['full_ms']:.1f} | {lat['raee_ms']:.1f} | "
-                         f"{lat['speedup']:.2f}x |")
-    lines += ["", "### Checks", "", "| task | train / test examples | train share with no correct layer | "
-              "RAEE engine vs recorded-layer mismatches |", "|---|---|---|---|"]
+            lines.append(f"| {r['task']} | {batch} | {lat['full_ms']:.1f} | {lat.get('raee_ms', 0):.1f} | "
+                         f"{lat.get('fused_ms', 0):.1f} | {lat.get('raee_speedup', 0):.2f}x | "
+                         f"{lat.get('fused_speedup', 0):.2f}x |")
+    lines += ["", "### Checks", "", "| task | database / tuning / test examples | train share with no correct layer | "
+              "engine vs recorded-layer mismatches (RAEE / RAEE cal. / fused; examples checked) |", "|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['task']} | {r['n_train']} / {r['n_test']} | {r['share_train_no_correct_layer']:.3f} | "
-                     f"{r['raee_engine_mismatches']} |")
-    lines += ["", "### Per-layer score on the test split (x100; the last row is the full model)", "",
-              "| layer | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    for layer in range(results[0]["n_layers"] + 1):
-        lines.append(f"| {layer} | " + " | ".join(f"{100 * r['layer_scores'][layer]:.1f}" for r in results) + " |")
+        mm = r.get("engine_mismatches", {})
+        lines.append(f"| {r['task']} | {r['n_train']} / {r['n_tune']} / {r['n_test']} | "
+                     f"{r['share_train_no_correct_layer']:.3f} | {mm.get('raee', '-')} / {mm.get('raee_cal', '-')} / "
+                     f"{mm.get('fused', '-')}; {r.get('engine_checked', '-')} |")
+    layers = range(n_layers + 1)
+    _table(lines, "### Per-layer score on the test split, raw (x100; the last row is the full model)", tasks,
+           [(str(layer), [100 * r["layer_scores"][layer] for r in results]) for layer in layers], ".1f", avg=False)
+    if results[0].get("layer_scores_calibrated"):
+        _table(lines, "### Per-layer score on the test split after calibration (x100)", tasks,
+               [(str(layer), [100 * r["layer_scores_calibrated"][layer] for r in results]) for layer in layers],
+               ".1f", avg=False)
+        _table(lines, "### Constant-class share per layer, raw / calibrated (share of test examples given the "
+                      "layer's commonest class)", tasks,
+               [(str(layer), [f"{r['constant_share'][layer]:.2f} / {r['constant_share_calibrated'][layer]:.2f}"
+                              for r in results]) for layer in layers], "s", avg=False)
     for key, title in (("k_sweep", "k"), ("fraction_sweep", "database fraction")):
         if any(r[key] for r in results):
             lines += ["", f"### RAEE vs {title} (score x100 / mean exit layer)", "",
@@ -54,6 +83,38 @@ def markdown(results: list[dict], *, header: dict) -> str:
                 for value, point in r[key].items():
                     lines.append(f"| {r['task']} | {value} | {100 * point['score']:.1f} | {point['mean_exit']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def plot_depth_accuracy(folder: str, result: dict) -> Path:
+    """Score vs mean exit layer on test: the fused policy's slack sweep (chosen beta) beside the other methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from orchestration.evaluate import METHOD_TITLES
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    curve = result["depth_curve"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot([p["mean_exit"] for p in curve], [100 * p["score"] for p in curve], "o-", color="tab:purple",
+            label=f"fused, beta={result['fused_params']['beta']:g}, slack 0..1")
+    markers = {"fused": "*", "full": "s", "raee": "^", "raee_cal": "v", "raee_wo": "<", "knn": "D",
+               "fixed_trunc": "x"}
+    for method, marker in markers.items():
+        if method in result["scores"]:
+            ax.plot(result["mean_exit"][method], 100 * result["scores"][method], marker, ms=10 if marker == "*" else 7,
+                    label=METHOD_TITLES[method] + (" (tuned)" if method == "fused" else ""))
+    ax.axvline(0.6 * result["n_layers"], color="grey", ls=":", lw=1, label="60% of the layers")
+    ax.set(xlabel="mean exit layer", ylabel="test score x100", title=f"{result['task']}: depth vs accuracy",
+           xlim=(-0.5, result["n_layers"] + 0.5))
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = out / f"{result['task']}_depth_accuracy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_task_figures(folder: str, task: Task, layer_probs: np.ndarray, labels: np.ndarray, found: Neighbours,

@@ -20,31 +20,67 @@ def tiny_setup(tiny_llama_backbone):
     return tiny_llama_backbone, BackboneStateEncoder(tiny_llama_backbone, layer_idx=2)
 
 
-def test_every_method_is_scored_and_raee_matches_the_recorded_layers(tiny_setup, tmp_path, data_dir):
+def test_every_method_is_scored_and_the_engine_matches_the_recorded_layers(tiny_setup, tmp_path, data_dir):
     backbone, encoder = tiny_setup
     config = EvalConfig(db_uri=str(tmp_path / "eval.db"), limit_train=48, limit_test=24, latency_examples=4,
-                        latency_repeats=1, k_sweep=(1, 4), fraction_sweep=(0.5,))
+                        latency_repeats=1, k_sweep=(1, 4), fraction_sweep=(0.5,), tune_examples=16,
+                        fused_betas=(0.5, 2.0), fused_slacks=(0.0, 0.2), cache_dir=str(tmp_path / "cache"))
     result = evaluate_task(SST2, backbone, encoder, config, data_dir=str(data_dir), quiet=True,
                            figure_dir=str(tmp_path / "figures"))
     assert set(result.scores) == set(METHODS) and set(result.mean_exit) == set(METHODS)
-    assert result.raee_engine_mismatches == 0  # the engine's truncated runs equal the recorded layers
+    # every retrieval policy's engine run (truncated forwards) equals the recorded-layer reading
+    assert result.engine_mismatches == {"raee": 0, "raee_cal": 0, "fused": 0} and result.engine_checked == 24
     assert result.mean_exit["full"] == backbone.n_layers
-    # the oracle is right wherever any layer is right: an upper bound for every layer-based method
+    # the oracle is right wherever any layer is right: an upper bound for every raw-layer method
     for method in ("full", "raee", "raee_wo", "fixed_trunc", "confidence"):
         assert result.scores["oracle"] >= result.scores[method]
     assert result.scores["full"] == pytest.approx(result.layer_scores[-1])
-    assert sum(result.exit_histogram) == 24
+    assert sum(result.exit_histogram) == 24 and sum(result.fused_exit_histogram) == 24
     assert set(result.k_sweep) == {"1", "4"} and set(result.fraction_sweep) == {"0.5"}
-    assert set(result.latency_ms) == {"1", "32"} and all(v["speedup"] > 0 for v in result.latency_ms.values())
+    assert set(result.latency_ms) == {"1", "32"}
+    assert all(v["raee_speedup"] > 0 and v["fused_speedup"] > 0 for v in result.latency_ms.values())
+    # the knobs come from the tuning grid (2 x 2), the curve sweeps the slack at the chosen beta
+    assert len(result.tune_grid) == 4 and result.fused_params["beta"] in (0.5, 2.0)
+    assert [p["slack"] for p in result.depth_curve] == list(config.curve_slacks)
     assert (tmp_path / "figures" / "sst2_figure2.png").stat().st_size > 1000
     assert (tmp_path / "figures" / "sst2_exit_hist.png").stat().st_size > 1000
+    assert (tmp_path / "figures" / "sst2_depth_accuracy.png").stat().st_size > 1000
+    assert len(result.layer_scores_calibrated) == len(result.constant_share) == backbone.n_layers + 1
 
-    # a second run reuses the complete database instead of rebuilding it, with the same results
+    # a second run reuses the databases and the cached forward passes, with the same results
     again = evaluate_task(SST2, backbone, encoder, config, data_dir=str(data_dir), quiet=True)
     assert again.scores == result.scores and again.mean_exit == result.mean_exit
 
     text = markdown([result.to_dict()], header={"model": "tiny", "encoder": encoder.name, "command": "test",
                                                 "k": 12, "tau": 0.9, "confidence_threshold": 0.9})
-    assert "| RAEE |" in text and "| Oracle (earliest correct layer) |" in text
+    assert "| RAEE (paper) |" in text and "| Oracle (earliest correct layer) |" in text
+    assert "Fused policy: knobs chosen on the held-out training slice" in text
     json.dumps(result.to_dict())  # plain data all the way down
     assert np.isfinite(list(result.scores.values())).all()
+
+
+def test_calibration_and_tuning_use_the_training_split_only(tiny_setup, tmp_path, data_dir):
+    """The stored calibration is the mean over the database's training examples; tuning and database are disjoint
+    training examples; no test example is among either."""
+    from collectors.build import exit_db_meta, variant_collection
+    from milvus.exit_db import ExitDB
+    from orchestration.evaluate import split_train
+    from raee.calibration import fit_calibration
+    from raee.tasks import load_split
+
+    backbone, encoder = tiny_setup
+    config = EvalConfig(db_uri=str(tmp_path / "eval.db"), limit_train=40, limit_test=12, latency_examples=2,
+                        latency_repeats=1, latency_batch_sizes=(1,), tune_examples=16, fused_betas=(1.0,),
+                        fused_slacks=(0.0,), curve_slacks=(0.0,), engine_check_examples=4)
+    evaluate_task(SST2, backbone, encoder, config, data_dir=str(data_dir), quiet=True)
+    train, tune = split_train(load_split(SST2, "train", data_dir), 40, 16, 0)
+    test = load_split(SST2, "test", data_dir).sample(12, 0)
+    assert not set(train.example_idx) & set(tune.example_idx) and len(train) == 40 and len(tune) == 16
+    assert not set(train.texts) & set(test.texts)
+    meta = exit_db_meta(backbone, encoder, SST2, calibrated=True)
+    with ExitDB(config.db_uri, collection=variant_collection(meta) + "_n40_tune16_seed0", meta=meta) as db:
+        stored = db.calibration
+    assert stored.n_examples == 40
+    np.testing.assert_allclose(stored.bias, fit_calibration(backbone.layer_probs(train.texts, SST2)).bias, atol=1e-6)
+    for other in (tune, test):  # the calibration from any other examples would differ
+        assert not np.allclose(stored.bias, fit_calibration(backbone.layer_probs(other.texts, SST2)).bias, atol=1e-6)

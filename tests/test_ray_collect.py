@@ -185,12 +185,12 @@ def test_eval_with_ray_runs_tasks_in_parallel_with_a_lite_file_each(ray_cluster_
     from orchestration.distributed import eval_with_ray
 
     config = evaluate.EvalConfig(k=4, tau=0.6, db_uri=str(tmp_path / "eval.db"), limit_train=24, limit_test=8,
-                                 latency_examples=4, latency_batch_sizes=(1,), latency_repeats=1)
+                                 latency_examples=4, latency_batch_sizes=(1,), latency_repeats=1, tune_examples=8)
     results, text = eval_with_ray(["sst2", "trec"], config=config, out_dir=str(tmp_path / "out"), command="test",
                                   data_dir=str(data_dir), cpus_per_task=ACTOR_CPUS, quiet=True,
                                   spec=ModelSpec(factory=tiny_llama_models))
     assert [(r["task"], r["n_train"], r["n_test"]) for r in results] == [("sst2", 24, 8), ("trec", 24, 8)]
-    assert all(r["raee_engine_mismatches"] == 0 for r in results)
+    assert all(set(r["engine_mismatches"].values()) == {0} for r in results)
     assert (tmp_path / "eval.sst2.db").exists() and (tmp_path / "eval.trec.db").exists()
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["header"]["encoder"] == "backbone:tiny-llama:layer-2:mean:sentence"
