@@ -40,7 +40,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from inference_workers.engine import BatchEngine, Request, Response
-from milvus.exit_db import ExitDB, ExitDBMeta, Metric, collection_name, is_lite_uri
+from milvus.exit_db import ExitDB, ExitDBError, ExitDBMeta, Metric, collection_name, is_lite_uri
 from raee.exit_policy import ExitPolicy
 from raee.keys import check_texts
 from raee.spec import ModelSpec
@@ -165,6 +165,15 @@ def _prediction(response: Response, explain: bool) -> PredictionOut:
                          probs=list(response.probs), neighbours=neighbours, truncated=response.truncated)
 
 
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 where it is unavailable). Before RaeeServer, as above."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 app = FastAPI(
     title="raee",
     description="Retrieval-augmented early exit: classify texts with an exit layer chosen from similar "
@@ -257,7 +266,11 @@ class RaeeServer:
         self._authorize(x_api_key)
         task_name = self._check(body)
         items = [_Item(text, task_name, body.explain, body.policy) for text in body.texts]
-        answers = await asyncio.gather(*(self._classify_batch(item) for item in items))
+        try:
+            answers = await asyncio.gather(*(self._classify_batch(item) for item in items))
+        except ExitDBError as exc:  # Milvus down or restarting: a retryable 503 naming it, not a 500
+            raise HTTPException(503, f"exit database {self.config.db_uri} is unavailable, retry later: {exc}",
+                                headers={"Retry-After": "5"}) from exc
         return ClassifyResponse(task=task_name, predictions=[_prediction(a, body.explain) for a in answers])
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
@@ -285,6 +298,12 @@ class RaeeServer:
                 out[i] = Response(label, words[label], int(preds.exit_layers[row]),
                                   tuple(float(p) for p in preds.probs[row]), truncated=bool(preds.truncated[row]))
         return [r for r in out if r is not None]
+
+    def process_info(self) -> dict[str, int]:
+        """This replica's pid and resident memory (bytes): load and fault tests call it through a handle.
+
+        Not an HTTP route, so the pid is never exposed to clients."""
+        return {"pid": os.getpid(), "rss_bytes": _rss_bytes()}
 
     def _authorize(self, x_api_key: str | None) -> None:
         """401 unless the server needs no key or `x-api-key` matches it (constant-time comparison)."""
