@@ -41,7 +41,7 @@ from ray.serve.handle import DeploymentHandle
 
 from inference_workers.engine import BatchEngine, Request, Response
 from milvus.exit_db import ExitDB, ExitDBError, ExitDBMeta, Metric, collection_name, is_lite_uri
-from raee.exit_policy import ExitPolicy
+from raee.exit_policy import get_policy, policy_kwargs
 from raee.keys import check_texts
 from raee.spec import ModelSpec
 from raee.tasks import TaskError, get_task
@@ -125,6 +125,8 @@ class ServeConfig:
     token: str | None = None
     k: int = 12
     tau: float = 0.9
+    exit_policy: str = "raee"  # a name in raee.exit_policy.POLICIES
+    policy_params: dict[str, float] = field(default_factory=dict)  # its knobs beyond k (and tau)
     metric: Metric = "L2"
     collection_suffix: str = ""  # the build variant, e.g. "_frac0p2_seed0" (collectors.build.variant_collection)
     collections: dict[str, str] = field(default_factory=dict)  # task name -> collection, overrides the two above
@@ -213,12 +215,14 @@ class RaeeServer:
         self.batches = {"n": 0, "texts": 0, "largest": 0}
         self.errors: list[str] = []  # tasks that cannot be served, with why
         self.dbs: dict[str, ExitDB] = {}
+        policy = get_policy(config.exit_policy, **policy_kwargs(config.exit_policy, k=config.k, tau=config.tau,
+                                                                **config.policy_params))
         try:
             for name in config.tasks:
                 task = get_task(name)
                 meta = ExitDBMeta(backbone=backbone.name, encoder=encoder.name, task=task.name,
                                   template_hash=task.template_hash(backbone.style), n_layers=backbone.n_layers,
-                                  dim=encoder.dim, metric=config.metric)
+                                  dim=encoder.dim, metric=config.metric, calibrated=policy.calibrated)
                 collection = config.collections.get(task.name) or collection_name(meta) + config.collection_suffix
                 db = ExitDB(config.db_uri, collection=collection, meta=meta, token=config.token)
                 if db.count() == 0:  # reported by setup_errors(): a failing __init__ only says "deploy failed"
@@ -232,7 +236,7 @@ class RaeeServer:
         except BaseException:
             self._close()
             raise
-        self.engine = BatchEngine(backbone, encoder, self.dbs, ExitPolicy(tau=config.tau, k=config.k))
+        self.engine = BatchEngine(backbone, encoder, self.dbs, policy)
 
     def setup_errors(self) -> list[str]:
         """Why configured tasks are not served (empty or missing exit databases); [] when all are."""

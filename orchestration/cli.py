@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from raee.models import DEFAULT_BACKBONE, DEFAULT_ENCODER
+from raee.models import DEFAULT_BACKBONE, DEFAULT_ENCODER, default_cache_dir
 from raee.tasks import DATA_DIR_ENV, parse_tasks
 
 app = typer.Typer(
@@ -41,6 +41,22 @@ EncoderOpt = Annotated[
 DbOpt = Annotated[str, typer.Option("--db", help="Exit database: a Milvus Lite path (*.db) or http://host:19530.")]
 KOpt = Annotated[int, typer.Option("--k", min=1, help="Neighbours retrieved per query (paper: 12).")]
 TauOpt = Annotated[float, typer.Option("--tau", min=0.0, max=1.0, help="Layer-probability threshold (paper: 0.9).")]
+def _check_policy(name: str) -> str:
+    from raee.exit_policy import POLICIES
+
+    if name not in POLICIES:
+        raise typer.BadParameter(f"unknown exit policy {name!r}; known: {', '.join(sorted(POLICIES))}")
+    return name
+
+
+PolicyOpt = Annotated[str, typer.Option(
+    "--policy", callback=_check_policy,
+    help="Exit policy: raee (paper Eq. 4-6), raee-cal (Eq. 4-6 on a calibrated database) or fused "
+         "(calibrated layer x neighbour vote; docs/exit-policies.md). raee-cal and fused need a "
+         "database built with the same --policy.")]
+BetaOpt = Annotated[float | None, typer.Option(min=0.0, help="fused: weight of the neighbours' vote (default 1).")]
+SlackOpt = Annotated[float | None, typer.Option(
+    min=0.0, max=1.0, help="fused: accept a layer this much less reliable for an earlier exit (default 0).")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=1, help="A seeded random N test examples.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Texts per forward pass.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
@@ -82,10 +98,17 @@ def layers(
     data_dir: DataDirOpt = None,
     cache_dir: CacheDirOpt = None,
     batch_size: BatchOpt = 32,
+    calibration_examples: Annotated[int, typer.Option(
+        min=0, help="Fit the per-layer calibration on this many training examples and show calibrated scores "
+                    "(0: raw only).")] = 500,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Per-layer score of the backbone on a task's test split (the last row is the full model).
+
+    Also shows each layer's constant-class share (share of examples put into the layer's commonest class:
+    near 1 means the layer says the same for every input) and, after a contextual calibration fitted on
+    training examples, the calibrated score and share.
 
     Examples:
 
@@ -100,16 +123,21 @@ def layers(
     _setup_logging(quiet)
     for one in parse_tasks(task):
         table = layer_table(one, model=model, limit=limit, data_dir=data_dir, cache_dir=cache_dir,
-                            batch_size=batch_size, quiet=quiet)
+                            batch_size=batch_size, quiet=quiet, calibration_examples=calibration_examples)
         if as_json:
             typer.echo(json.dumps(table.to_dict()))
             continue
         last = len(table.scores) - 1
-        typer.echo(f"{table.task} ({table.n_examples} test examples, {table.model}, metric: {table.metric})")
-        typer.echo(f"{'layer':>7} {table.metric:>9} {'top-class share':>16}")
+        typer.echo(f"{table.task} ({table.n_examples} test examples, {table.model}, metric: {table.metric}"
+                   + (f"; calibrated on {table.n_calibration} training examples)" if table.n_calibration else ")"))
+        cal = table.scores_calibrated is not None
+        typer.echo(f"{'layer':>7} {table.metric:>9} {'top-class share':>16}"
+                   + (f" {'calibrated':>11} {'cal. share':>11}" if cal else ""))
         for layer, (value, share) in enumerate(zip(table.scores, table.constant_share, strict=True)):
             note = "  (full model)" if layer == last else ""
-            typer.echo(f"{layer:>7} {value:>9.4f} {share:>16.3f}{note}")
+            extra = (f" {table.scores_calibrated[layer]:>11.4f} {table.constant_share_calibrated[layer]:>11.3f}"
+                     if cal else "")
+            typer.echo(f"{layer:>7} {value:>9.4f} {share:>16.3f}{extra}{note}")
 
 
 @app.command()
@@ -124,6 +152,7 @@ def build(
     data_dir: DataDirOpt = None,
     cache_dir: CacheDirOpt = None,
     batch_size: BatchOpt = 32,
+    policy: PolicyOpt = "raee",
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
     num_actors: Annotated[int | None, typer.Option(min=1, help="Ray collector actors (default: GPUs or CPUs).")] = None,
@@ -139,11 +168,18 @@ def build(
 
       raee build --task trec --fraction 0.2 --seed 1
 
+      raee build --task sst2 --policy fused     # calibrated database for raee-cal / fused
+
       raee build --task sst2,trec --ray --num-actors 2 --db http://127.0.0.1:19530
     """
     from orchestration.pipelines import build as run_build
+    from raee.exit_policy import get_policy
 
     _setup_logging(quiet)
+    calibrated = get_policy(policy).calibrated
+    if (ray or ray_address) and calibrated:
+        raise typer.BadParameter(f"--ray builds uncalibrated databases only for now; build --policy {policy} "
+                                 "in process (without --ray)", param_hint="--policy")
     if ray or ray_address:
         from orchestration.distributed import build_with_ray, describe_build
 
@@ -156,7 +192,7 @@ def build(
     for one in parse_tasks(task):
         summary = run_build(one, model=model, encoder=encoder, db_uri=db, fraction=fraction, seed=seed,
                             only_correct=only_correct, data_dir=data_dir, cache_dir=cache_dir,
-                            batch_size=batch_size, quiet=quiet)
+                            batch_size=batch_size, quiet=quiet, policy=policy)
         if as_json:
             typer.echo(json.dumps(asdict(summary)))
             continue
@@ -176,6 +212,11 @@ def explain(
     db: DbOpt = "./raee.db",
     k: KOpt = 12,
     tau: TauOpt = 0.9,
+    policy: PolicyOpt = "raee",
+    beta: BetaOpt = None,
+    slack: SlackOpt = None,
+    fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Use the --fraction build.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of that --fraction build.")] = 0,
     cache_dir: CacheDirOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -192,7 +233,9 @@ def explain(
 
     _setup_logging(quiet)
     one = parse_tasks(task)[0]
-    responses = run_explain(texts, one, model=model, encoder=encoder, db_uri=db, k=k, tau=tau, cache_dir=cache_dir)
+    responses = run_explain(texts, one, model=model, encoder=encoder, db_uri=db, k=k, tau=tau, cache_dir=cache_dir,
+                            policy=policy, policy_params=_fused_params(policy, beta, slack), fraction=fraction,
+                            seed=seed)
     for text, r in zip(texts, responses, strict=True):
         if as_json:
             typer.echo(json.dumps({"text": text, **asdict(r)}))
@@ -217,6 +260,14 @@ def evaluate(
     limit_train: Annotated[int | None, typer.Option(min=1, help="A seeded random N train examples.")] = None,
     limit: LimitOpt = None,
     latency_examples: Annotated[int, typer.Option(min=1, help="Test examples timed for the latency table.")] = 32,
+    tune_examples: Annotated[int, typer.Option(
+        min=1, help="Held-out training examples (never in the database) that choose the fused policy's knobs.")] = 500,
+    depth_budget: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Largest mean exit layer, as a share of the layers, the tuning may pick.")] = 0.6,
+    engine_check: Annotated[int | None, typer.Option(
+        min=0, help="Test examples each retrieval policy also runs through the real engine (default: all).")] = None,
+    forward_cache: Annotated[bool, typer.Option(
+        help="Cache the recorded forward passes under the --cache-dir (re-runs skip the backbone).")] = True,
     out: Annotated[str, typer.Option(help="Folder for results.json, results.md and figures/.")] = "runs/eval",
     fail_under: Annotated[float | None, typer.Option(help="Exit 3 when RAEE's average score is below this.")] = None,
     data_dir: DataDirOpt = None,
@@ -244,6 +295,8 @@ def evaluate(
     _setup_logging(quiet)
     config = EvalConfig(k=k, tau=tau, confidence_threshold=confidence_threshold, db_uri=db,
                         limit_train=limit_train, limit_test=limit, latency_examples=latency_examples,
+                        tune_examples=tune_examples, depth_budget=depth_budget, engine_check_examples=engine_check,
+                        cache_dir=str(cache_dir or default_cache_dir()) if forward_cache else None,
                         k_sweep=tuple(int(v) for v in k_sweep.split(",") if v.strip()),
                         fraction_sweep=tuple(float(v) for v in fraction_sweep.split(",") if v.strip()))
     command = "raee eval " + " ".join(sys.argv[2:])
@@ -276,6 +329,9 @@ def serve(
     ray_address: RayAddressOpt = None,
     k: KOpt = 12,
     tau: TauOpt = 0.9,
+    policy: PolicyOpt = "raee",
+    beta: BetaOpt = None,
+    slack: SlackOpt = None,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Texts batched into one engine call.")] = 32,
     batch_wait_timeout_s: Annotated[float, typer.Option(min=0.0, help="Wait for a batch to fill (s).")] = 0.01,
     max_texts: Annotated[int, typer.Option(min=1, help="Most texts accepted in one request.")] = 64,
@@ -299,9 +355,21 @@ def serve(
 
     _setup_logging(quiet)
     run_serve(parse_tasks(task), model=model, encoder=encoder, db_uri=db, host=host, port=port, replicas=replicas,
-              ray_address=ray_address, k=k, tau=tau, cache_dir=cache_dir, max_batch_size=max_batch_size,
+              ray_address=ray_address, k=k, tau=tau, policy=policy,
+              policy_params=_fused_params(policy, beta, slack), cache_dir=cache_dir, max_batch_size=max_batch_size,
               batch_wait_timeout_s=batch_wait_timeout_s, max_texts=max_texts, fraction=fraction, seed=seed,
               only_correct=only_correct)
+
+
+def _fused_params(policy: str, beta: float | None, slack: float | None) -> dict[str, float]:
+    """--beta/--slack for the policies that take them; an error naming the option for those that do not."""
+    from raee.exit_policy import policy_kwargs, policy_parameters
+
+    given = {"beta": beta, "slack": slack}
+    for name, value in given.items():
+        if value is not None and name not in policy_parameters(policy):
+            raise typer.BadParameter(f"policy {policy!r} has no {name}", param_hint=f"--{name}")
+    return policy_kwargs(policy, **given)
 
 
 def _setup_logging(quiet: bool) -> None:

@@ -187,6 +187,8 @@ def serve(
     ray_address: str | None = None,
     k: int = 12,
     tau: float = 0.9,
+    policy: str = "raee",
+    policy_params: dict[str, float] | None = None,
     cache_dir: str | None = None,
     batch_size: int = 32,
     max_batch_size: int = 32,
@@ -209,6 +211,7 @@ def serve(
                                          f"raee build --task {','.join(names)}")
     spec = spec or ModelSpec(model, encoder, cache_dir=_abs(cache_dir), batch_size=batch_size)
     config = deployment.ServeConfig(tasks=names, db_uri=_abs_db(db_uri), token=token, k=k, tau=tau,
+                                    exit_policy=policy, policy_params=dict(policy_params or {}),
                                     collection_suffix=variant_suffix(only_correct=only_correct, fraction=fraction,
                                                                      seed=seed))
     limits = deployment.Limits(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,

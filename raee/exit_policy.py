@@ -330,6 +330,12 @@ def policy_parameters(name: str) -> set[str]:
     return _parameters(POLICIES[name])
 
 
+def policy_kwargs(name: str, **values: float | None) -> dict[str, float]:
+    """The values policy `name` accepts, None dropped: one set of CLI options (k, tau, beta, slack) serves all."""
+    accepted = policy_parameters(name)
+    return {key: value for key, value in values.items() if key in accepted and value is not None}
+
+
 def _parameters(make: type[Policy]) -> set[str]:
     return {f.name for f in fields(make) if f.init}
 

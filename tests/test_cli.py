@@ -47,14 +47,46 @@ def test_bad_usage_is_exit_code_2():
     assert raee("layers", "--limit", "0").returncode == 2
 
 
+def test_bad_policy_options_are_usage_errors():
+    def message(out: subprocess.CompletedProcess) -> str:  # typer draws a box and wraps the line
+        return " ".join(out.stderr.replace("│", " ").split())
+
+    out = raee("explain", "a gem", "--policy", "nope")
+    assert out.returncode == 2 and "unknown exit policy 'nope'; known: fused, raee, raee-cal" in message(out)
+    out = raee("explain", "a gem", "--policy", "raee", "--beta", "2")
+    assert out.returncode == 2 and "policy 'raee' has no beta" in message(out)
+
+
 @pytest.mark.real_model
 def test_layers_prints_one_row_per_layer_for_gemma(data_dir, model_cache_dir):
     out = raee("layers", "--task", "sst2", "--limit", "4", "--quiet", "--data-dir", str(data_dir),
-               "--cache-dir", model_cache_dir)
+               "--cache-dir", model_cache_dir, "--calibration-examples", "8")
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.strip()[:2].strip().isdigit()]
     assert len(rows) == 19 and rows[-1].endswith("(full model)")
+    assert "calibrated on 8 training examples" in out.stdout and len(rows[0].split()) == 5  # + calibrated columns
     as_json = raee("layers", "--task", "sst2", "--limit", "4", "--quiet", "--json", "--data-dir", str(data_dir),
-                   "--cache-dir", model_cache_dir)
+                   "--cache-dir", model_cache_dir, "--calibration-examples", "0")
     record = json.loads(as_json.stdout)
-    assert len(record["scores"]) == 19 and record["n_examples"] == 4
+    assert len(record["scores"]) == 19 and record["n_examples"] == 4 and record["scores_calibrated"] is None
+
+
+@pytest.mark.real_model
+def test_build_and_explain_with_the_fused_policy(data_dir, model_cache_dir, tmp_path):
+    db = str(tmp_path / "cli.db")
+    common = ("--task", "sst2", "--quiet", "--data-dir", str(data_dir), "--cache-dir", model_cache_dir, "--db", db)
+    built = raee("build", *common, "--fraction", "0.003", "--policy", "fused", "--json")
+    assert built.returncode == 0, built.stderr
+    summary = json.loads(built.stdout)
+    assert summary["n_records"] == summary["n_in_db"] == 21
+    out = raee("explain", "a gorgeous , witty , seductive movie .", "--task", "sst2", "--quiet", "--cache-dir",
+               model_cache_dir, "--db", db, "--policy", "fused", "--slack", "0.1", "--fraction", "0.003", "--json")
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert 0 <= answer["exit_layer"] <= 18 and answer["label_word"] in ("negative", "positive")
+    assert len(answer["neighbours"]) == 12 and abs(sum(answer["probs"]) - 1) < 1e-5
+    # the paper's policy needs the uncalibrated database, which was not built: a clear error, exit 1
+    out = raee("explain", "a gem", "--task", "sst2", "--quiet", "--cache-dir", model_cache_dir, "--db", db,
+               "--fraction", "0.003")
+    assert out.returncode == 1 and "raee build --task sst2 --policy raee" in out.stderr
+

@@ -133,3 +133,43 @@ def test_bad_input_and_mismatched_database_are_clear_errors(setup_reused, tmp_pa
     with ExitDB(str(tmp_path / "other.db"), collection="wrong_task", meta=meta) as wrong:
         with pytest.raises(ValueError, match="task: database 'trec' != engine 'sst2'"):
             BatchEngine(backbone, encoder, {"sst2": wrong}, ExitPolicy()).classify(["fine"], "sst2")
+
+
+def test_fused_policy_on_a_calibrated_build(setup_reused, tmp_path):
+    """`build --policy fused` then the engine: calibrated exit sets, stored calibration, fused answers."""
+    from raee.calibration import fit_calibration
+    from raee.exit_policy import FusedPolicy
+
+    backbone, encoder, _ = setup_reused
+    labels = np.random.default_rng(1).integers(0, 2, size=len(TRAIN_TEXTS))
+    data = Dataset(SST2, "train", TRAIN_TEXTS, labels)
+    uri = str(tmp_path / "cal.db")
+    summary = build_database(backbone, encoder, SST2, db_uri=uri, dataset=data, batch_size=16, calibrate=True,
+                             calibration_examples=20, show_progress=False)
+    meta = exit_db_meta(backbone, encoder, SST2, calibrated=True)
+    with ExitDB(uri, collection=summary.collection, meta=meta) as db:
+        cal = db.calibration
+        assert cal.n_examples == 20  # fitted on the first 20 of a seeded shuffle of the training examples
+        order = np.random.default_rng(0).permutation(len(TRAIN_TEXTS))[:20]
+        raw = backbone.layer_probs([TRAIN_TEXTS[i] for i in order], SST2)
+        np.testing.assert_allclose(cal.bias, fit_calibration(raw).bias, atol=1e-6)
+        stored = db.get(np.sort(db.search(encoder.encode(TRAIN_TEXTS[:1]), k=1).ids[0]))
+        np.testing.assert_allclose(stored.layer_probs[0], cal.apply(backbone.layer_probs(TRAIN_TEXTS[:1], SST2))[0],
+                                   atol=1e-5)  # stored distributions are the calibrated ones
+
+        policy = FusedPolicy(k=5, beta=1.0, slack=0.1)
+        responses = BatchEngine(backbone, encoder, {"sst2": db}, policy).classify(QUERIES, "sst2")
+        found = db.search(encoder.encode(QUERIES), k=5)  # independent reference, from recorded layers
+        exits = policy.exit_layers(found)
+        all_layers = backbone.layer_probs(QUERIES, SST2)[np.arange(len(QUERIES)), exits]
+        expected = policy.final_probs(cal.apply_at(all_layers, exits), found)
+        assert [r.exit_layer for r in responses] == exits.tolist()
+        np.testing.assert_allclose([r.probs for r in responses], expected, atol=1e-5)
+
+        # the paper's policy on a calibrated database (and the reverse) is refused, not silently mixed
+        with pytest.raises(ValueError, match="needs an uncalibrated database"):
+            BatchEngine(backbone, encoder, {"sst2": db}, ExitPolicy()).classify(["fine"], "sst2")
+
+    with pytest.raises(ValueError, match="training split only"):
+        build_database(backbone, encoder, SST2, db_uri=uri, dataset=Dataset(SST2, "test", TRAIN_TEXTS, labels),
+                       calibrate=True, show_progress=False)
