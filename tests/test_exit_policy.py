@@ -10,8 +10,8 @@ from hypothesis.extra.numpy import arrays
 
 from raee.exit_policy import (
     POLICIES,
-    FusedPolicy,
     ExitPolicy,
+    FusedPolicy,
     choose_exit_layers,
     confidence_exit,
     get_policy,
