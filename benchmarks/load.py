@@ -87,10 +87,12 @@ class LoadStats:
 
 def run_load(url: str, body: Body, *, clients: int, seconds: float, timeout_s: float = 60.0,
              path: str = "/v1/classify", headers: dict[str, str] | None = None,
-             stop: threading.Event | None = None, keep_replies: bool = False) -> list[Outcome]:
+             stop: threading.Event | None = None, keep_replies: bool = False,
+             on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
     """`clients` threads post body(client, i) to url+path back to back until `seconds` pass (or `stop` is set).
 
-    Every request is recorded, failures included: a request never hangs longer than timeout_s."""
+    Every request is recorded, failures included: a request never hangs longer than timeout_s. on_outcome sees
+    each one as it ends (fault tests watch for recovery while the load runs)."""
     deadline = time.perf_counter() + seconds
     stop = stop or threading.Event()
     outcomes: list[list[Outcome]] = [[] for _ in range(clients)]
@@ -110,8 +112,11 @@ def run_load(url: str, body: Body, *, clients: int, seconds: float, timeout_s: f
                         answer = reply.json()
                 except requests.RequestException as exc:
                     status, error = 0, f"{type(exc).__name__}: {str(exc)[:200]}"
-                outcomes[c].append(Outcome(c, t0, time.perf_counter(), status, error, len(payload.get("texts", ())),
-                                           payload if keep_replies else None, answer))
+                outcome = Outcome(c, t0, time.perf_counter(), status, error, len(payload.get("texts", ())),
+                                  payload if keep_replies else None, answer)
+                outcomes[c].append(outcome)
+                if on_outcome is not None:
+                    on_outcome(outcome)
                 i += 1
 
     threads = [threading.Thread(target=client, args=(c,), name=f"load-client-{c}", daemon=True)

@@ -58,6 +58,30 @@ def _use_private_etcd_ports(server: object, data_dir: str) -> None:
     )
 
 
+def _pin_proxy_port(server: object, port: int) -> None:
+    """Listen on exactly `port`, also right after a restart on it.
+
+    The package treats the proxy port as a *start* for a free-port search and probes ports with a plain
+    bind, which fails while the previous server's connections sit in TIME_WAIT (60 s): a restarted
+    server would silently move to port + 1 and its clients would never find it. Pin the port and probe
+    with SO_REUSEADDR, which is how the Go binary itself binds."""
+    config = server.config
+    config.configs["proxy_port"] = port
+
+    def try_bind_port(candidate: int) -> object:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", candidate))
+            sock.listen()
+            return sock
+        except OSError:
+            sock.close()
+            return None
+
+    config.try_bind_port = try_bind_port
+
+
 def _wait_healthy(server: object, timeout_s: float) -> None:
     """Poll /healthz like MilvusServer.wait_started, but give up as soon as the binary exits."""
     url = f"http://127.0.0.1:{server.webservice_port}/healthz"
@@ -93,8 +117,8 @@ def main() -> int:
 
     server = MilvusServer(MilvusServerConfig(), wait_for_started=False)
     server.set_base_dir(args.data_dir)
-    server.listen_port = args.port
     _use_private_etcd_ports(server, args.data_dir)
+    _pin_proxy_port(server, args.port)
     for role in _ROLES:
         server.config.set(f"{role}.ip", "127.0.0.1")
     for item in args.set:

@@ -93,6 +93,9 @@ class EmbeddedMilvusServer:
             tail = [*tail[-4:], line]
             if line.startswith("{"):
                 status = json.loads(line)
+                if status.get("ready") and status.get("port") not in (None, self.port):
+                    self.stop()  # clients would look for it on self.port and never find it
+                    raise MilvusServerUnavailable(f"milvus came up on port {status['port']}, not {self.port}")
                 if status.get("ready"):
                     return self
                 self.stop()
