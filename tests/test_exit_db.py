@@ -121,6 +121,40 @@ def test_get_round_trips_records(exit_db: ExitDB) -> None:
     assert got.texts == ("text 7", "text 3", "text 12")
 
 
+def test_layer_distributions_round_trip_in_search_and_get(exit_db: ExitDB) -> None:
+    records = make_exit_records(np.arange(6))
+    dists = np.random.default_rng(0).dirichlet(np.ones(3), size=(6, TEST_META.n_layers + 1)).astype(np.float32)
+    exit_db.upsert(dataclasses.replace(records, layer_probs=dists))
+    found = exit_db.search(records.vectors[:2], k=8)  # 6 hits and 2 padding slots per query
+    assert found.layer_probs.shape == (2, 8, TEST_META.n_layers + 1, 3)
+    np.testing.assert_allclose(found.layer_probs[0, 0], dists[found.ids[0, 0]], atol=1e-6)
+    assert (found.layer_probs[~found.valid] == 0).all()
+    np.testing.assert_allclose(exit_db.get(np.array([4, 1])).layer_probs, dists[[4, 1]], atol=1e-6)
+    with pytest.raises(ValueError, match=r"layer_probs must be \(N, L\+1, C\)"):
+        exit_db.upsert(dataclasses.replace(records, layer_probs=dists[:, :2]))
+
+
+def test_a_calibrated_collection_keeps_its_calibration(exit_db_uri: str, exit_db_collection: str,
+                                                       exit_db_token: str | None) -> None:
+    from raee.calibration import fit_calibration
+
+    meta = dataclasses.replace(TEST_META, calibrated=True)
+    assert collection_name(meta) != collection_name(TEST_META)
+    assert "calibrated" not in TEST_META.to_json()  # raw collections keep their schema-1 names
+    cal = fit_calibration(np.random.default_rng(1).dirichlet(np.ones(2), size=(5, TEST_META.n_layers + 1)))
+    name = exit_db_collection + "_cal"
+    with pytest.raises(ValueError, match="needs its Calibration"):
+        ExitDB(exit_db_uri, collection=name, meta=meta, token=exit_db_token)
+    with ExitDB(exit_db_uri, collection=name, meta=meta, token=exit_db_token, calibration=cal):
+        pass
+    with ExitDB(exit_db_uri, collection=name, meta=meta, token=exit_db_token) as again:
+        try:
+            np.testing.assert_allclose(again.calibration.bias, cal.bias)
+            assert again.calibration.n_examples == 5
+        finally:
+            again.drop()
+
+
 def test_metadata_mismatch_names_both_values(exit_db: ExitDB, exit_db_uri: str,
                                              exit_db_token: str | None) -> None:
     other = dataclasses.replace(TEST_META, backbone="smollm2-135m", n_layers=30)
