@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
@@ -537,8 +538,17 @@ class _Wrap:
         return None
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
-        if isinstance(exc, MilvusException):
-            raise ExitDBError(self.operation, self.collection, str(exc)) from exc
+        if isinstance(exc, MilvusException | grpc.RpcError):  # pymilvus lets some RPC errors through raw
+            raise ExitDBError(self.operation, self.collection, _error_detail(exc)) from exc
+
+
+def _error_detail(exc: BaseException) -> str:
+    """The server's message; a refused privilege also says which roles may do what (milvus/roles.py)."""
+    detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
+    if "permission deny" in detail.lower() or "PERMISSION_DENIED" in detail:
+        detail = (f"permission denied, the token's role lacks this privilege ({detail}); raee_reader may search, "
+                  "raee_writer may also build, only root may drop (milvus/roles.py)")
+    return detail
 
 
 def _cap_text(text: str, max_bytes: int) -> str:
