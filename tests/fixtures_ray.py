@@ -58,12 +58,13 @@ def ray_cluster_reused() -> Iterator[dict]:
 
 @pytest.fixture(scope="session")
 def serve_url_reused(ray_cluster_reused: dict) -> Iterator[str]:
-    """Ray Serve started once on the session cluster, HTTP on 127.0.0.1 and a free port; yields its base URL."""
+    """Ray Serve started once on the session cluster on a free port, the host left to `start_http`'s default
+    (test_bind.py checks that it is 127.0.0.1); yields its base URL."""
     from ray import serve
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from inference_workers.deployment import start_http
+
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield start_http(port=free_port())
     finally:
         serve.shutdown()
