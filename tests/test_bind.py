@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from inference_workers import deployment
+from tests.figures import report
 
 pytestmark = [pytest.mark.serve, pytest.mark.reliability]
 
@@ -42,5 +43,5 @@ def test_the_live_proxy_listens_on_loopback_only(serve_url_reused: str):
         with socket.socket() as sock:
             sock.settimeout(2)
             assert sock.connect_ex((address, port)) != 0, f"reachable on {address}:{port}"
-    print(f"\nbind: Serve proxy listens on {sorted(listening)} port {port}; refused on {sorted(others) or 'no'} "
+    report(f"bind: Serve proxy listens on {sorted(listening)} port {port}; refused on {sorted(others) or 'no'} "
           "other addresses")

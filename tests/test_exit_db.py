@@ -15,6 +15,7 @@ import pytest
 from milvus.exit_db import ExitDB, ExitDBError, ExitDBMeta, MetadataMismatchError, collection_name
 from milvus.index import IndexConfig
 from raee.records import ExitRecords, record_ids
+from tests.figures import report
 from tests.fixtures_milvus import TEST_META, make_exit_records
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -281,6 +282,7 @@ def test_lite_second_process_gets_a_clear_error_not_a_hang(tmp_path: Path) -> No
         assert db.count() == 20
 
 
+@pytest.mark.reliability
 def test_lite_writer_killed_mid_build_then_rerun_is_exact(tmp_path: Path) -> None:
     uri, n = str(tmp_path / "raee.db"), 3000
     proc = _worker("write", uri, "crash", "0", str(n), "--batch", "100", "--sleep-s", "0.02")
@@ -301,6 +303,9 @@ def test_lite_writer_killed_mid_build_then_rerun_is_exact(tmp_path: Path) -> Non
         got = db.get(np.arange(n))
         np.testing.assert_array_equal(got.ids, np.arange(n))  # each id once, none missing
         np.testing.assert_allclose(got.exit_probs, make_exit_records(np.arange(n)).exit_probs)
+        survived = db.count()
+    report(f"fault database writer kill -9 mid-build: 1 injected, {acked} records acknowledged before the kill, "
+           f"re-run -> {survived} of {n} in the database, each id once: 0 lost, 0 duplicated")
 
 
 @pytest.mark.milvus_server

@@ -24,6 +24,7 @@ from collectors.build import build_database
 from inference_workers.deployment import Limits, ServeConfig, build_app, delete_app, run_app
 from raee.spec import ModelSpec
 from raee.tasks import Dataset, get_task
+from tests.figures import report
 from tests.fixtures_models import SENTENCES
 from tests.fixtures_ray import ACTOR_CPUS, tiny_llama_models
 
@@ -146,7 +147,7 @@ def test_schema_generated_requests_never_get_5xx(fuzz_url_reused, classify_bodie
         assert reply.status_code == 200, reply.text
     n_2xx = sum(n for s, n in statuses.items() if s < 300)
     n_4xx = sum(n for s, n in statuses.items() if 400 <= s < 500)
-    print(f"\nschema fuzz: {sum(statuses.values())} requests, {n_2xx} 2xx, {n_4xx} 4xx, 0 5xx; "
+    report(f"schema fuzz: {sum(statuses.values())} requests, {n_2xx} 2xx, {n_4xx} 4xx, 0 5xx; "
           f"by status {dict(sorted(statuses.items()))}")
     assert n_2xx > 0 and n_4xx > 0  # both valid and invalid requests were tried
 
@@ -211,7 +212,7 @@ def test_malformed_requests_get_4xx_then_a_valid_one_succeeds(fuzz_url_reused):
     n_4xx = sum(n for s, n in statuses.items() if 400 <= s < 500)
     n_5xx = sum(n for s, n in statuses.items() if s >= 500)
     n_2xx = sum(n for s, n in statuses.items() if s < 300)  # a changed character can leave the body valid
-    print(f"\nmalformed: {N_MALFORMED} requests sent, {n_4xx} 4xx, {n_5xx} 5xx, {n_2xx} 2xx; "
+    report(f"malformed: {N_MALFORMED} requests sent, {n_4xx} 4xx, {n_5xx} 5xx, {n_2xx} 2xx; "
           f"by status {dict(sorted(statuses.items()))}; "
           f"then a valid request: {reply.status_code}")
     assert failures == []

@@ -15,6 +15,7 @@ from collectors.build import build_database
 from inference_workers.deployment import Limits, ServeConfig, build_app, delete_app, run_app
 from raee.spec import ModelSpec
 from raee.tasks import Dataset, get_task
+from tests.figures import report
 from tests.fixtures_models import SENTENCES
 from tests.fixtures_ray import ACTOR_CPUS, tiny_llama_models
 
@@ -56,7 +57,7 @@ def test_concurrent_load_has_no_errors_and_bounded_memory(load_app_reused):
     after = handle.process_info.remote().result(timeout_s=TIMEOUT_S)
     texts_after = requests.get(f"{url}/healthz", timeout=TIMEOUT_S).json()["batches"]["texts"]
     stats = summarize(outcomes, CLIENTS, rss_before=before["rss_bytes"], rss_after=after["rss_bytes"])
-    print(f"\n{stats.lines()} [bound {MAX_RSS_GROWTH_MIB:.0f} MiB]")
+    report(f"{stats.lines()} [bound {MAX_RSS_GROWTH_MIB:.0f} MiB]")
 
     assert after["pid"] == before["pid"], "the replica restarted under load"
     assert stats.errors == 0, stats.error_kinds
@@ -86,4 +87,4 @@ def test_answers_under_load_match_a_quiet_request(load_app_reused):
             assert (got["label"], got["exit_layer"]) == (quiet[text]["label"], quiet[text]["exit_layer"]), text
             np.testing.assert_allclose(got["probs"], quiet[text]["probs"], atol=1e-5)
             checked += 1
-    print(f"\nload: {checked} answers from {len(outcomes)} concurrent requests equal the quiet answers")
+    report(f"load: {checked} answers from {len(outcomes)} concurrent requests equal the quiet answers")

@@ -16,6 +16,7 @@ from milvus.exit_db import ExitDB
 from raee.records import record_ids
 from raee.spec import ModelSpec
 from raee.tasks import Dataset, get_task
+from tests.figures import report
 from tests.fixtures_models import SENTENCES
 from tests.fixtures_ray import ACTOR_CPUS, tiny_llama_models
 
@@ -111,6 +112,7 @@ def test_two_actors_write_the_in_process_records_and_a_rerun_skips_every_shard(p
     assert_same_records(uri, reference_reused)
 
 
+@pytest.mark.reliability
 def test_killed_actor_is_restarted_and_nothing_is_lost_or_duplicated(pool_reused, reference_reused, tmp_path):
     uri = str(tmp_path / "ray.db")
     before = pool_reused.pids(timeout_s=60)
@@ -131,6 +133,9 @@ def test_killed_actor_is_restarted_and_nothing_is_lost_or_duplicated(pool_reused
     assert killed not in after and len(after) == 2
     assert [s.n_in_db for s in build.summaries] == [len(TEXTS)] * 2
     assert_same_records(uri, reference_reused)
+    report(f"fault collector actor kill -9 mid-build: 1 injected, survived; {build.n_shards} shards stored once each, "
+           f"{2 * len(TEXTS)} records expected, {sum(s.n_in_db for s in build.summaries)} in the database, "
+           "0 lost, 0 duplicated, every record equal to the in-process build")
 
 
 def test_an_unschedulable_pool_is_a_clear_error(ray_cluster_reused):
