@@ -28,14 +28,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
+import grpc
 from pymilvus import MilvusClient
 from pymilvus.exceptions import MilvusException
 
 READER_ROLE, WRITER_ROLE = "raee_reader", "raee_writer"
 READER_USER, WRITER_USER = "raee_reader", "raee_writer"
 
-# (object type, privilege): what ExitDB's open / search / count call on a server.
+# (object type, privilege): what ExitDB's open / search / count call on a server. GetStatistics comes last in
+# both lists: it is the sentinel create_roles waits for (see _wait_effective).
 READER_PRIVILEGES: tuple[tuple[str, str], ...] = (
     ("Global", "DescribeCollection"),  # has_collection, describe_collection (metadata guard)
     ("Global", "ShowCollections"),
@@ -49,7 +52,6 @@ READER_PRIVILEGES: tuple[tuple[str, str], ...] = (
 )
 # ... plus what a build calls: create the collection with its index, upsert, flush, wait for the index.
 WRITER_PRIVILEGES: tuple[tuple[str, str], ...] = (
-    *READER_PRIVILEGES,
     ("Global", "CreateCollection"),
     ("Collection", "CreateIndex"),
     ("Collection", "Insert"),
@@ -57,7 +59,9 @@ WRITER_PRIVILEGES: tuple[tuple[str, str], ...] = (
     ("Collection", "Delete"),  # an upsert is a delete plus an insert on 2.3
     ("Collection", "Flush"),
     ("Collection", "GetFlushState"),
+    *READER_PRIVILEGES,
 )
+_PROBE_COLLECTION = "raee_roles_probe_missing"  # never created: privilege checks run before the lookup
 
 
 class RolesError(RuntimeError):
@@ -66,10 +70,13 @@ class RolesError(RuntimeError):
 
 def create_roles(uri: str, root_token: str, *, reader_password: str, writer_password: str,
                  reader_user: str = READER_USER, writer_user: str = WRITER_USER, reader_role: str = READER_ROLE,
-                 writer_role: str = WRITER_ROLE, collection: str = "*", timeout_s: float = 10.0) -> dict[str, str]:
+                 writer_role: str = WRITER_ROLE, collection: str = "*", timeout_s: float = 10.0,
+                 effective_timeout_s: float = 120.0) -> dict[str, str]:
     """Create the reader and writer roles and users (idempotent); {"reader": token, "writer": token}.
 
-    root_token is "root:<password>" (any user allowed to manage users and roles)."""
+    root_token is "root:<password>" (any user allowed to manage users and roles). Returns once both tokens
+    hold their privileges on the proxy: a grant is acknowledged before the proxy applies it (measured: tens
+    of seconds later on a busy 2.3.5 server), and a build started in between would be refused half-way."""
     client = MilvusClient(uri=uri, token=root_token, timeout=timeout_s)
     try:
         tokens = {}
@@ -78,15 +85,40 @@ def create_roles(uri: str, root_token: str, *, reader_password: str, writer_pass
             ("writer", writer_role, writer_user, writer_password, WRITER_PRIVILEGES),
         ):
             _step(f"create role {role}", lambda r=role: role_missing(client, r) and client.create_role(r))
-            for object_type, privilege in privileges:
-                name = "*" if object_type == "Global" else collection
-                _step(f"grant {privilege} on {object_type} {name} to {role}",
-                      lambda r=role, o=object_type, p=privilege, n=name: client.grant_privilege(r, o, p, n))
             _step(f"create user {user}", lambda u=user, p=password: (
                 u not in client.list_users() and client.create_user(u, p)))
             _step(f"grant role {role} to {user}", lambda u=user, r=role: client.grant_role(u, r))
+            for object_type, privilege in privileges:  # the sentinel (GetStatistics) last
+                name = "*" if object_type == "Global" else collection
+                _step(f"grant {privilege} on {object_type} {name} to {role}",
+                      lambda r=role, o=object_type, p=privilege, n=name: client.grant_privilege(r, o, p, n))
             tokens[kind] = f"{user}:{password}"
-        return tokens
+    finally:
+        client.close()
+    if collection == "*":  # a named collection may not exist yet, so there is nothing to probe
+        for token in tokens.values():
+            _wait_effective(uri, token, timeout_s, effective_timeout_s)
+    return tokens
+
+
+def _wait_effective(uri: str, token: str, timeout_s: float, effective_timeout_s: float) -> None:
+    """Block until the proxy lets `token` use its role's last grant (GetStatistics), probed on a missing
+    collection: refused -> not applied yet; "collection not found" (or stats) -> applied, with the grants
+    before it (the server applies them in order)."""
+    client = MilvusClient(uri=uri, token=token, timeout=timeout_s)
+    deadline = time.monotonic() + effective_timeout_s
+    try:
+        while True:
+            try:
+                client.get_collection_stats(_PROBE_COLLECTION, timeout=timeout_s)
+                return
+            except (MilvusException, grpc.RpcError) as exc:  # pymilvus lets some refusals through raw
+                if "permission" not in str(exc).lower():
+                    return  # past the privilege check
+            if time.monotonic() > deadline:
+                raise RolesError(f"milvus roles: grants for {token.split(':', 1)[0]} not in effect after "
+                                 f"{effective_timeout_s:.0f} s")
+            time.sleep(0.5)
     finally:
         client.close()
 
