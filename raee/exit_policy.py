@@ -4,6 +4,9 @@ Every function takes batch-first arrays and returns arrays: no torch, no I/O, no
 loop over queries, neighbours or layers. Layer 0 is the embedding output and layers 1..L are the blocks,
 so a score or probability array over layers has L+1 columns. Decisions on the edge cases (no layer above
 tau, exact duplicates, padding, nothing accumulated, ties) are explained in docs/exit-policy.md.
+
+Policies register by name in POLICIES: "raee" (the paper), "raee-cal" (the same over a calibrated database)
+and "fused" (calibrated layer x neighbour vote, docs/exit-policies.md).
 """
 
 from __future__ import annotations
