@@ -39,6 +39,10 @@ EncoderOpt = Annotated[
     str, typer.Option("--encoder", help="Key encoder: all-minilm-l6-v2, a sentence-transformers folder/id, 'backbone'.")
 ]
 DbOpt = Annotated[str, typer.Option("--db", help="Exit database: a Milvus Lite path (*.db) or http://host:19530.")]
+TokenOpt = Annotated[str | None, typer.Option(
+    "--token", envvar="RAEE_MILVUS_TOKEN", show_envvar=True,
+    help="Milvus server credentials 'user:password' (e.g. the read-only role for serve, the writer for build; "
+         "see `python -m milvus.roles`). Prefer the environment variable to keep it out of shell history.")]
 KOpt = Annotated[int, typer.Option("--k", min=1, help="Neighbours retrieved per query (paper: 12).")]
 TauOpt = Annotated[float, typer.Option("--tau", min=0.0, max=1.0, help="Layer-probability threshold (paper: 0.9).")]
 def _check_policy(name: str) -> str:
@@ -153,6 +157,7 @@ def build(
     cache_dir: CacheDirOpt = None,
     batch_size: BatchOpt = 32,
     policy: PolicyOpt = "raee",
+    token: TokenOpt = None,
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
     num_actors: Annotated[int | None, typer.Option(min=1, help="Ray collector actors (default: GPUs or CPUs).")] = None,
@@ -186,13 +191,13 @@ def build(
         result = build_with_ray(parse_tasks(task), model=model, encoder=encoder, db_uri=db, num_actors=num_actors,
                                 ray_address=ray_address, fraction=fraction, seed=seed, only_correct=only_correct,
                                 data_dir=data_dir, cache_dir=cache_dir, batch_size=batch_size,
-                                shard_size=shard_size, quiet=quiet)
+                                shard_size=shard_size, quiet=quiet, token=token)
         typer.echo(json.dumps([asdict(s) for s in result.summaries]) if as_json else "\n".join(describe_build(result)))
         return
     for one in parse_tasks(task):
         summary = run_build(one, model=model, encoder=encoder, db_uri=db, fraction=fraction, seed=seed,
                             only_correct=only_correct, data_dir=data_dir, cache_dir=cache_dir,
-                            batch_size=batch_size, quiet=quiet, policy=policy)
+                            batch_size=batch_size, quiet=quiet, policy=policy, token=token)
         if as_json:
             typer.echo(json.dumps(asdict(summary)))
             continue
@@ -217,6 +222,7 @@ def explain(
     slack: SlackOpt = None,
     fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Use the --fraction build.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of that --fraction build.")] = 0,
+    token: TokenOpt = None,
     cache_dir: CacheDirOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -235,7 +241,7 @@ def explain(
     one = parse_tasks(task)[0]
     responses = run_explain(texts, one, model=model, encoder=encoder, db_uri=db, k=k, tau=tau, cache_dir=cache_dir,
                             policy=policy, policy_params=_fused_params(policy, beta, slack), fraction=fraction,
-                            seed=seed)
+                            seed=seed, token=token)
     for text, r in zip(texts, responses, strict=True):
         if as_json:
             typer.echo(json.dumps({"text": text, **asdict(r)}))
@@ -332,6 +338,7 @@ def serve(
     policy: PolicyOpt = "raee",
     beta: BetaOpt = None,
     slack: SlackOpt = None,
+    token: TokenOpt = None,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Texts batched into one engine call.")] = 32,
     batch_wait_timeout_s: Annotated[float, typer.Option(min=0.0, help="Wait for a batch to fill (s).")] = 0.01,
     max_texts: Annotated[int, typer.Option(min=1, help="Most texts accepted in one request.")] = 64,
@@ -355,7 +362,7 @@ def serve(
 
     _setup_logging(quiet)
     run_serve(parse_tasks(task), model=model, encoder=encoder, db_uri=db, host=host, port=port, replicas=replicas,
-              ray_address=ray_address, k=k, tau=tau, policy=policy,
+              ray_address=ray_address, k=k, tau=tau, policy=policy, token=token,
               policy_params=_fused_params(policy, beta, slack), cache_dir=cache_dir, max_batch_size=max_batch_size,
               batch_wait_timeout_s=batch_wait_timeout_s, max_texts=max_texts, fraction=fraction, seed=seed,
               only_correct=only_correct)

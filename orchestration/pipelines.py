@@ -86,7 +86,7 @@ def open_models(model: str, *, encoder: str, cache_dir: str | None, batch_size: 
 
 def build(task: Task, *, model: str, encoder: str, db_uri: str, fraction: float = 1.0, seed: int = 0,
           only_correct: bool = False, data_dir: str | None = None, cache_dir: str | None = None,
-          batch_size: int = 32, quiet: bool = False, policy: str = "raee"):
+          batch_size: int = 32, quiet: bool = False, policy: str = "raee", token: str | None = None):
     """Algorithm 3.1 for one task's training split, in process, into the exit database at db_uri.
 
     policy: the exit policy the database is for; a calibrated one (raee-cal, fused) gets a calibrated build."""
@@ -99,12 +99,12 @@ def build(task: Task, *, model: str, encoder: str, db_uri: str, fraction: float 
     backbone, key_encoder = open_models(model, encoder=encoder, cache_dir=cache_dir, batch_size=batch_size)
     return build_database(backbone, key_encoder, task, db_uri=db_uri, fraction=fraction, seed=seed,
                           only_correct=only_correct, data_dir=data_dir, batch_size=batch_size,
-                          calibrate=calibrate, show_progress=not quiet)
+                          calibrate=calibrate, token=token, show_progress=not quiet)
 
 
 def explain(texts: list[str], task: Task, *, model: str, encoder: str, db_uri: str, k: int, tau: float,
             cache_dir: str | None = None, policy: str = "raee", policy_params: dict[str, float] | None = None,
-            fraction: float = 1.0, seed: int = 0):
+            fraction: float = 1.0, seed: int = 0, token: str | None = None):
     """RAEE answers with the retrieved neighbours that chose each exit (the paper's Tables 9-10)."""
     from collectors.build import exit_db_meta, variant_collection
     from inference_workers.engine import BatchEngine
@@ -114,7 +114,8 @@ def explain(texts: list[str], task: Task, *, model: str, encoder: str, db_uri: s
     exit_policy = get_policy(policy, **policy_kwargs(policy, k=k, tau=tau, **(policy_params or {})))
     backbone, key_encoder = open_models(model, encoder=encoder, cache_dir=cache_dir)
     meta = exit_db_meta(backbone, key_encoder, task, calibrated=exit_policy.calibrated)
-    with ExitDB(db_uri, collection=variant_collection(meta, fraction=fraction, seed=seed), meta=meta) as db:
+    with ExitDB(db_uri, collection=variant_collection(meta, fraction=fraction, seed=seed), meta=meta,
+                token=token) as db:
         if db.count() == 0:
             db.drop()
             raise ExitDatabaseEmptyError(f"no exit database for task {task.name} and policy {policy} in {db_uri}; "

@@ -90,3 +90,13 @@ def test_build_and_explain_with_the_fused_policy(data_dir, model_cache_dir, tmp_
                "--fraction", "0.003")
     assert out.returncode == 1 and "raee build --task sst2 --policy raee" in out.stderr
 
+
+
+@pytest.mark.real_model
+@pytest.mark.milvus_server
+def test_a_wrong_milvus_token_is_one_line_and_exit_code_1(data_dir, model_cache_dir, milvus_server_uri):
+    out = raee("build", "--task", "sst2", "--fraction", "0.001", "--quiet", "--data-dir", str(data_dir),
+               "--cache-dir", model_cache_dir, "--db", milvus_server_uri, env={"RAEE_MILVUS_TOKEN": "root:wrong"})
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in out.stderr
