@@ -236,8 +236,13 @@ def explain(
       raee explain --task trec "Who wrote Hamlet ?" --k 5 --json
     """
     from orchestration.pipelines import explain as run_explain
+    from raee.keys import check_texts
 
     _setup_logging(quiet)
+    try:
+        check_texts(texts)  # before loading any model
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="TEXTS") from None
     one = parse_tasks(task)[0]
     responses = run_explain(texts, one, model=model, encoder=encoder, db_uri=db, k=k, tau=tau, cache_dir=cache_dir,
                             policy=policy, policy_params=_fused_params(policy, beta, slack), fraction=fraction,

@@ -55,6 +55,8 @@ def test_bad_policy_options_are_usage_errors():
     assert out.returncode == 2 and "unknown exit policy 'nope'; known: fused, raee, raee-cal" in message(out)
     out = raee("explain", "a gem", "--policy", "raee", "--beta", "2")
     assert out.returncode == 2 and "policy 'raee' has no beta" in message(out)
+    out = raee("explain", "a gem", "   ")  # bad text is refused before any model loads
+    assert out.returncode == 2 and "text 1 is empty or whitespace only" in message(out)
 
 
 @pytest.mark.real_model

@@ -53,6 +53,9 @@ def test_malformed_file_is_a_clear_error(tmp_path):
     (tmp_path / "mr" / "test.csv").write_text("7,some text\n")
     with pytest.raises(TaskError, match=r"outside 0\.\.1"):
         load_split("mr", "test", tmp_path)
+    (tmp_path / "mr" / "test.csv").write_bytes(b"1,caf\xe9 latin-1 bytes\n")  # not UTF-8
+    with pytest.raises(TaskError, match="cannot parse .*utf-8"):
+        load_split("mr", "test", tmp_path)
 
 
 def test_task_names_are_forgiving_and_unknown_ones_list_the_choices():
