@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from collectors.build import BuildSummary, _batches, _check_fraction, exit_db_meta, subset_indices, variant_collection
 from milvus.exit_db import ExitDB, ExitDBMeta, Metric, is_lite_uri
 from milvus.index import IndexConfig
+from raee.calibration import Calibration, fit_calibration
 from raee.records import ExitRecords, record_ids
 from raee.spec import ModelSpec
 from raee.tasks import Dataset, Task, get_task, load_split
@@ -105,8 +106,13 @@ class _Collector:
         context = ray.get_runtime_context()
         return context.get_node_id(), ray.util.get_node_ip_address(), os.getpid()
 
-    def metas(self, task_names: list[str], metric: Metric) -> list[ExitDBMeta]:
-        return [exit_db_meta(self.backbone, self.encoder, get_task(name), metric=metric) for name in task_names]
+    def metas(self, task_names: list[str], metric: Metric, calibrated: bool = False) -> list[ExitDBMeta]:
+        return [exit_db_meta(self.backbone, self.encoder, get_task(name), metric=metric, calibrated=calibrated)
+                for name in task_names]
+
+    def layer_probs(self, task_name: str, texts: tuple[str, ...]) -> np.ndarray:
+        """Raw per-layer label distributions (N, L+1, C): what the driver fits a calibration on."""
+        return self.backbone.layer_probs(texts, get_task(task_name))
 
     def collect(
         self,
@@ -116,6 +122,7 @@ class _Collector:
         only_correct: bool,
         batch_size: int,
         target: _ServerTarget | None,
+        calibration: Calibration | None = None,
     ) -> ShardResult:
         """Records of one shard; upserted here when target is a server, else returned to the driver."""
         texts, labels, example_idx = data
@@ -125,7 +132,7 @@ class _Collector:
         n_no_correct = n_full_correct = 0
         for records, probs in _batches(self.backbone, self.encoder, task, part, split=shard.split,
                                        example_idx=example_idx[shard.start : shard.stop], batch_size=batch_size,
-                                       only_correct=only_correct, show_progress=False):
+                                       only_correct=only_correct, show_progress=False, calibration=calibration):
             kept.append(records)
             n_no_correct += int((probs == 0).all(axis=1).sum())
             n_full_correct += int((probs[:, -1] > 0).sum())
@@ -152,6 +159,8 @@ def _concat(parts: list[ExitRecords], dim: int, n_layers: int) -> ExitRecords:
         exit_probs=np.concatenate([p.exit_probs for p in parts]),
         labels=np.concatenate([p.labels for p in parts]),
         texts=tuple(t for p in parts for t in p.texts),
+        layer_probs=(np.concatenate([p.layer_probs for p in parts])
+                     if all(p.layer_probs is not None for p in parts) else None),
     )
 
 
@@ -168,6 +177,7 @@ class _Plan:
     meta: ExitDBMeta
     shards: list[Shard]
     db: ExitDB
+    calibration: Calibration | None = None
     n_records: int = 0
     n_no_correct: int = 0
     n_full_correct: int = 0
@@ -252,6 +262,8 @@ class CollectorPool:
         index: IndexConfig | None = None,
         shard_size: int = 512,
         batch_size: int = 32,
+        calibrate: bool = False,
+        calibration_examples: int = 2000,
         timeout_s: float = 1800.0,
         show_progress: bool = True,
         on_shard: Callable[[ShardResult], None] | None = None,
@@ -260,20 +272,25 @@ class CollectorPool:
 
         Same collections, ids and values as `collectors.build.build_database` with the same arguments.
         datasets: {task name: Dataset} to use instead of the train split under data_dir. timeout_s bounds
-        the wait for any one shard. on_shard is called in the driver after each shard is stored."""
+        the wait for any one shard. on_shard is called in the driver after each shard is stored.
+        calibrate: as in build_database (same shuffled order, same calibration sample, same records); one actor
+        runs the calibration sample first, and its shards run again (one extra pass over those examples)."""
         _check_fraction(fraction)
         if shard_size < 1 or batch_size < 1:
             raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
         task_list = [get_task(t) if isinstance(t, str) else t for t in tasks]
         start = time.perf_counter()
-        metas = ray.get(self.actors[0].metas.remote([t.name for t in task_list], metric), timeout=timeout_s)
+        metas = ray.get(self.actors[0].metas.remote([t.name for t in task_list], metric, calibrate),
+                        timeout=timeout_s)
         plans: list[_Plan] = []
         try:
             for task, meta in zip(task_list, metas, strict=True):
                 given = (datasets or {}).get(task.name)
                 plans.append(self._plan(task, meta, given if given is not None else load_split(task, "train", data_dir),
                                         db_uri=db_uri, fraction=fraction, seed=seed, only_correct=only_correct,
-                                        token=token, index=index, shard_size=shard_size))
+                                        token=token, index=index, shard_size=shard_size,
+                                        calibration_examples=calibration_examples if calibrate else 0,
+                                        timeout_s=timeout_s))
             n_skipped = self._run(plans, db_uri=db_uri, token=token, only_correct=only_correct,
                                   batch_size=batch_size, timeout_s=timeout_s, show_progress=show_progress,
                                   on_shard=on_shard)
@@ -299,17 +316,28 @@ class CollectorPool:
     # ---- helpers ----------------------------------------------------------------------------------------
 
     def _plan(self, task: Task, meta: ExitDBMeta, dataset: Dataset, *, db_uri: str, fraction: float, seed: int,
-              only_correct: bool, token: str | None, index: IndexConfig | None, shard_size: int) -> _Plan:
+              only_correct: bool, token: str | None, index: IndexConfig | None, shard_size: int,
+              calibration_examples: int, timeout_s: float) -> _Plan:
         rows = subset_indices(len(dataset), fraction, seed)
+        calibration = None
+        if meta.calibrated:
+            if dataset.split != "train":
+                raise ValueError(f"calibration is fitted on the training split only, got {dataset.split!r}")
+            rows = rows[np.random.default_rng(seed).permutation(len(rows))]  # as build_database does
+            sample = tuple(dataset.texts[i] for i in rows[:calibration_examples])
+            calibration = fit_calibration(ray.get(self.actors[0].layer_probs.remote(task.name, sample),
+                                                  timeout=timeout_s))
         texts = tuple(dataset.texts[i] for i in rows)
         labels = np.asarray(dataset.labels, dtype=np.int64)[rows]
         example_idx = dataset.example_idx[rows]  # file positions: record ids stay stable across subsets
         collection = variant_collection(meta, only_correct=only_correct, fraction=fraction, seed=seed)
-        db = ExitDB(db_uri, collection=collection, meta=meta, token=token, index=index)  # creates it once, here
+        db = ExitDB(db_uri, collection=collection, meta=meta, token=token, index=index,
+                    calibration=calibration)  # creates it once, here; an existing one keeps its calibration
         data_ref = ray.put((texts, labels, example_idx))  # shared by every shard of the task
         shards = [Shard(task.name, dataset.split, lo, min(lo + shard_size, len(texts)))
                   for lo in range(0, len(texts), shard_size)]
-        return _Plan(task, dataset.split, len(texts), example_idx, data_ref, collection, meta, shards, db)
+        return _Plan(task, dataset.split, len(texts), example_idx, data_ref, collection, meta, shards, db,
+                     db.calibration)
 
     def _run(self, plans: list[_Plan], *, db_uri: str, token: str | None, only_correct: bool, batch_size: int,
              timeout_s: float, show_progress: bool, on_shard: Callable[[ShardResult], None] | None) -> int:
@@ -326,7 +354,7 @@ class CollectorPool:
                     continue
                 actor = self.actors[len(pending) % len(self.actors)]
                 ref = actor.collect.remote(shard, plan.data_ref, only_correct=only_correct, batch_size=batch_size,
-                                           target=target)
+                                           target=target, calibration=plan.calibration)
                 pending[ref] = plan
         total = sum(p.n_examples for p in plans)
         with tqdm(total=total, initial=n_done_examples, disable=not show_progress, unit="ex",

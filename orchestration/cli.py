@@ -182,16 +182,13 @@ def build(
 
     _setup_logging(quiet)
     calibrated = get_policy(policy).calibrated
-    if (ray or ray_address) and calibrated:
-        raise typer.BadParameter(f"--ray builds uncalibrated databases only for now; build --policy {policy} "
-                                 "in process (without --ray)", param_hint="--policy")
     if ray or ray_address:
         from orchestration.distributed import build_with_ray, describe_build
 
         result = build_with_ray(parse_tasks(task), model=model, encoder=encoder, db_uri=db, num_actors=num_actors,
                                 ray_address=ray_address, fraction=fraction, seed=seed, only_correct=only_correct,
                                 data_dir=data_dir, cache_dir=cache_dir, batch_size=batch_size,
-                                shard_size=shard_size, quiet=quiet, token=token)
+                                shard_size=shard_size, quiet=quiet, token=token, calibrate=calibrated)
         typer.echo(json.dumps([asdict(s) for s in result.summaries]) if as_json else "\n".join(describe_build(result)))
         return
     for one in parse_tasks(task):

@@ -71,6 +71,7 @@ def build_with_ray(
     cpus_per_actor: float = 1.0,
     quiet: bool = False,
     spec: ModelSpec | None = None,
+    calibrate: bool = False,
 ) -> DistributedBuild:
     """`raee build --ray`: every task's exit database built by a pool of actors, resumable; checked counts.
 
@@ -84,7 +85,7 @@ def build_with_ray(
     with ray_session(ray_address), CollectorPool(spec, n_actors=num_actors, cpus_per_actor=cpus_per_actor) as pool:
         return pool.build(task_list, db_uri=_abs_db(db_uri), token=token, data_dir=data_dir, fraction=fraction,
                           seed=seed, only_correct=only_correct, batch_size=batch_size, shard_size=shard_size,
-                          show_progress=not quiet)
+                          calibrate=calibrate, show_progress=not quiet)
 
 
 def describe_build(result: DistributedBuild) -> list[str]:

@@ -112,6 +112,26 @@ def test_two_actors_write_the_in_process_records_and_a_rerun_skips_every_shard(p
     assert_same_records(uri, reference_reused)
 
 
+def test_a_calibrated_build_on_actors_equals_the_in_process_one(pool_reused, tmp_path):
+    """Same shuffled order, same calibration sample (fitted in the driver), same calibrated records."""
+    backbone, encoder = tiny_llama_models()
+    data = datasets()["sst2"]
+    task = get_task("sst2")
+    meta = exit_db_meta(backbone, encoder, task, calibrated=True)
+    want = build_database(backbone, encoder, task, db_uri=str(tmp_path / "ref.db"), dataset=data, batch_size=BATCH,
+                          calibrate=True, calibration_examples=20, show_progress=False)
+    got = pool_reused.build(["sst2"], db_uri=str(tmp_path / "ray.db"), datasets={"sst2": data}, shard_size=SHARD,
+                            batch_size=BATCH, calibrate=True, calibration_examples=20, show_progress=False)
+    assert got.summaries[0].collection == want.collection and got.summaries[0].n_in_db == len(TEXTS)
+    ids = record_ids("sst2", "train", np.arange(len(TEXTS)))
+    with ExitDB(str(tmp_path / "ref.db"), collection=want.collection, meta=meta) as ref, \
+         ExitDB(str(tmp_path / "ray.db"), collection=want.collection, meta=meta) as db:
+        np.testing.assert_allclose(db.calibration.bias, ref.calibration.bias, atol=1e-6)
+        a, b = ref.get(ids), db.get(ids)
+    np.testing.assert_allclose(b.exit_probs, a.exit_probs, atol=1e-5)
+    np.testing.assert_allclose(b.layer_probs, a.layer_probs, atol=1e-5)
+
+
 @pytest.mark.reliability
 def test_killed_actor_is_restarted_and_nothing_is_lost_or_duplicated(pool_reused, reference_reused, tmp_path):
     uri = str(tmp_path / "ray.db")

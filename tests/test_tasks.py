@@ -54,7 +54,7 @@ def test_malformed_file_is_a_clear_error(tmp_path):
     with pytest.raises(TaskError, match=r"outside 0\.\.1"):
         load_split("mr", "test", tmp_path)
     (tmp_path / "mr" / "test.csv").write_bytes(b"1,caf\xe9 latin-1 bytes\n")  # not UTF-8
-    with pytest.raises(TaskError, match="cannot parse .*utf-8"):
+    with pytest.raises(TaskError, match=r"cannot parse .*utf-8"):
         load_split("mr", "test", tmp_path)
 
 
