@@ -18,8 +18,9 @@ import numpy as np
 
 from raee.records import Neighbours
 
-# Float rounding that a distance of an exact duplicate may carry (e.g. 1 - cos computed in float32 is
-# -1.2e-7). Distances in [-_DUPLICATE_ATOL, 0) count as 0; anything more negative is a caller bug.
+# Float rounding that a distance of an exact duplicate carries (1 - cos in float32 gives -1.2e-7; Milvus'
+# squared L2 of a stored key against itself gives 0 or ~1e-7 depending on the query batch). Distances in
+# [-_DUPLICATE_ATOL, _DUPLICATE_ATOL] count as 0 (a duplicate); anything more negative is a caller bug.
 _DUPLICATE_ATOL = 1e-5
 # Scores are summed in float64; two layers whose scores agree to this relative tolerance are a tie
 # (earliest wins), so summation order (a permutation of the neighbours) can never change the exit.
@@ -46,7 +47,7 @@ def neighbour_weights(distances: np.ndarray, *, valid: np.ndarray | None = None)
             f"distances must be non-negative (smallest is {d.min():.3g}); convert similarities to distances "
             "first, e.g. 1 - cos clipped at 0"
         )
-    d = np.maximum(d, 0.0)  # rounding below 0 on exact duplicates
+    d = np.where(d <= _DUPLICATE_ATOL, 0.0, d)  # rounding around 0 on exact duplicates: the same query, same 0
     ok = np.isfinite(d)
     if valid is not None:
         valid = np.asarray(valid, dtype=bool)
