@@ -60,7 +60,7 @@ PolicyOpt = Annotated[str, typer.Option(
          "database built with the same --policy.")]
 BetaOpt = Annotated[float | None, typer.Option(min=0.0, help="fused: weight of the neighbours' vote (default 1).")]
 SlackOpt = Annotated[float | None, typer.Option(
-    min=0.0, max=1.0, help="fused: accept a layer this much less reliable for an earlier exit (default 0).")]
+    min=0.0, max=1.0, help="fused: accept a layer this much less reliable for an earlier exit (default 0.02).")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=1, help="A seeded random N test examples.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Texts per forward pass.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
