@@ -40,9 +40,10 @@ from raee.tasks import Dataset, Task, load_split, score, score_per_layer
 
 log = logging.getLogger(__name__)
 
-METHODS = ["full", "raee", "raee_wo", "raee_cal", "fused", "fixed_trunc", "confidence", "knn", "oracle"]
+METHODS = ["full", "full_cal", "raee", "raee_wo", "raee_cal", "fused", "fixed_trunc", "confidence", "knn", "oracle"]
 METHOD_TITLES = {
-    "full": "Full model (last layer)", "raee": "RAEE (paper)", "raee_wo": "RAEE w/o (only-correct db)",
+    "full": "Full model (last layer)", "full_cal": "Full model, calibrated last layer (new)",
+    "raee": "RAEE (paper)", "raee_wo": "RAEE w/o (only-correct db)",
     "raee_cal": "RAEE, calibrated db (new)", "fused": "Fused: calibrated layer x neighbour vote (new)",
     "fixed_trunc": "Fixed truncation at RAEE's mean exit", "confidence": "Confidence exit (zero-shot)",
     "knn": "kNN label vote (no backbone)", "oracle": "Oracle (earliest correct layer)",
@@ -185,6 +186,8 @@ def evaluate_task(task: Task, backbone: Backbone, encoder: KeyEncoder, config: E
             exits[method] = policy.exit_layers(nb)
             preds[method] = answers(policy, t.layer_probs, exits[method], nb,
                                     calibration if policy.calibrated else None)
+        exits["full_cal"] = exits["full"]
+        preds["full_cal"] = cal_probs[:, -1].argmax(-1)  # the full model with the last layer's calibration
         exits["fixed_trunc"] = np.full(len(test), round(float(exits["raee"].mean())) if len(test) else n_layers)
         preds["fixed_trunc"] = _preds_at(t.layer_probs, exits["fixed_trunc"])
         for method in exits:

@@ -35,6 +35,7 @@ def test_every_method_is_scored_and_the_engine_matches_the_recorded_layers(tiny_
     for method in ("full", "raee", "raee_wo", "fixed_trunc", "confidence"):
         assert result.scores["oracle"] >= result.scores[method]
     assert result.scores["full"] == pytest.approx(result.layer_scores[-1])
+    assert result.scores["full_cal"] == pytest.approx(result.layer_scores_calibrated[-1])
     assert sum(result.exit_histogram) == 24 and sum(result.fused_exit_histogram) == 24
     assert set(result.k_sweep) == {"1", "4"} and set(result.fraction_sweep) == {"0.5"}
     assert set(result.latency_ms) == {"1", "32"}
