@@ -210,15 +210,10 @@ def build_database(
     (training) examples, store it with the collection and write calibrated exit sets; their forward pass
     is reused for their records, so calibrating costs no extra pass. An existing calibrated collection keeps
     the calibration it was built with, so a resumed build stays consistent."""
-    _check_fraction(fraction)
     dataset = dataset if dataset is not None else load_split(task, "train", data_dir)
-    if calibrate and dataset.split != "train":
-        raise ValueError(f"calibration is fitted on the training split only, got the {dataset.split!r} split")
     if calibration_examples < 1:
         raise ValueError(f"calibration_examples must be >= 1, got {calibration_examples}")
-    rows = subset_indices(len(dataset), fraction, seed)
-    if calibrate:  # a shuffled order makes the first examples a fair sample (LM-BFF files are grouped by label)
-        rows = rows[np.random.default_rng(seed).permutation(len(rows))]
+    rows = build_rows(dataset, fraction, seed, calibrate=calibrate)
     example_idx = dataset.example_idx[rows]  # file positions: record ids stay stable across subsets
     subset = Dataset(task, dataset.split, tuple(dataset.texts[i] for i in rows), dataset.labels[rows], example_idx)
     meta = exit_db_meta(backbone, encoder, task, metric=metric, calibrated=calibrate)
@@ -250,6 +245,17 @@ def build_database(
         seconds=seconds,
         examples_per_s=n / seconds if seconds > 0 else 0.0,
     )
+
+
+def build_rows(dataset: Dataset, fraction: float, seed: int, *, calibrate: bool) -> np.ndarray:
+    """The rows of `dataset` a build processes, in processing order: subset_indices(...), and for a calibrated
+    build a seeded shuffle of them, so that the first rows (the calibration sample) are a fair sample (the
+    LM-BFF files are grouped by label). Calibrating on any split but train is refused."""
+    _check_fraction(fraction)
+    if calibrate and dataset.split != "train":
+        raise ValueError(f"calibration is fitted on the training split only, got the {dataset.split!r} split")
+    rows = subset_indices(len(dataset), fraction, seed)
+    return rows[np.random.default_rng(seed).permutation(len(rows))] if calibrate else rows
 
 
 def subset_indices(n: int, fraction: float, seed: int = 0) -> np.ndarray:

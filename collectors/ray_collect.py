@@ -27,7 +27,14 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
-from collectors.build import BuildSummary, _batches, _check_fraction, exit_db_meta, subset_indices, variant_collection
+from collectors.build import (
+    BuildSummary,
+    _batches,
+    _check_fraction,
+    build_rows,
+    exit_db_meta,
+    variant_collection,
+)
 from milvus.exit_db import ExitDB, ExitDBMeta, Metric, is_lite_uri
 from milvus.index import IndexConfig
 from raee.calibration import Calibration, fit_calibration
@@ -318,12 +325,9 @@ class CollectorPool:
     def _plan(self, task: Task, meta: ExitDBMeta, dataset: Dataset, *, db_uri: str, fraction: float, seed: int,
               only_correct: bool, token: str | None, index: IndexConfig | None, shard_size: int,
               calibration_examples: int, timeout_s: float) -> _Plan:
-        rows = subset_indices(len(dataset), fraction, seed)
+        rows = build_rows(dataset, fraction, seed, calibrate=meta.calibrated)  # as build_database orders them
         calibration = None
         if meta.calibrated:
-            if dataset.split != "train":
-                raise ValueError(f"calibration is fitted on the training split only, got {dataset.split!r}")
-            rows = rows[np.random.default_rng(seed).permutation(len(rows))]  # as build_database does
             sample = tuple(dataset.texts[i] for i in rows[:calibration_examples])
             calibration = fit_calibration(ray.get(self.actors[0].layer_probs.remote(task.name, sample),
                                                   timeout=timeout_s))

@@ -16,7 +16,7 @@ import numpy as np
 
 from milvus.exit_db import ExitDB
 from raee.backbones import Backbone
-from raee.exit_policy import Policy
+from raee.exit_policy import Policy, answer_probs
 from raee.keys import KeyEncoder, check_texts
 from raee.records import Neighbours
 from raee.tasks import Task, get_task
@@ -136,10 +136,7 @@ class BatchEngine:
         t3 = time.perf_counter()
         preds = self.backbone.predict(texts, task, exit_layers)
         t4 = time.perf_counter()
-        probs = preds.probs  # (B, C) at each text's exit layer
-        if db.calibration is not None:  # the correction the database's exit sets were computed with
-            probs = db.calibration.apply_at(probs, preds.exit_layers)
-        probs = self.policy.final_probs(probs, neighbours)  # (B, C): the policy's answer
+        probs = answer_probs(self.policy, preds.probs, preds.exit_layers, neighbours, db.calibration)  # (B, C)
         labels = probs.argmax(axis=1)
         t5 = time.perf_counter()
         words = task.label_words(self.backbone.style)

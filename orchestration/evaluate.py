@@ -29,6 +29,7 @@ from raee.exit_policy import (
     ExitPolicy,
     FusedPolicy,
     Policy,
+    answer_probs,
     closest,
     confidence_exit,
     knn_vote,
@@ -36,7 +37,7 @@ from raee.exit_policy import (
 )
 from raee.keys import KeyEncoder
 from raee.records import ExitRecords, Neighbours
-from raee.tasks import Dataset, Task, load_split, score, score_per_layer
+from raee.tasks import Dataset, Task, layer_stats, load_split, score
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +160,10 @@ def evaluate_task(task: Task, backbone: Backbone, encoder: KeyEncoder, config: E
 
         t = _record(backbone, encoder, test, config, quiet)
         cal_probs = calibration.apply(t.layer_probs)  # (N, L+1, C)
-        for key, probs in (("", t.layer_probs), ("_calibrated", cal_probs)):
-            preds = probs.argmax(-1)  # (N, L+1)
-            setattr(result, "layer_scores" + key, score_per_layer(task, preds, t.labels).tolist())
-            counts = (preds[..., None] == np.arange(task.n_classes)).sum(axis=0)  # (L+1, C)
-            setattr(result, "constant_share" + key, (counts.max(axis=1) / max(len(preds), 1)).tolist())
+        scores, shares = layer_stats(task, t.layer_probs, t.labels)
+        result.layer_scores, result.constant_share = scores.tolist(), shares.tolist()
+        scores, shares = layer_stats(task, cal_probs, t.labels)
+        result.layer_scores_calibrated, result.constant_share_calibrated = scores.tolist(), shares.tolist()
 
         # Knobs of the fused policy: chosen on the tuning slice, under the depth budget.
         u = _record(backbone, encoder, tune, config, quiet)
@@ -223,11 +223,9 @@ def evaluate_task(task: Task, backbone: Backbone, encoder: KeyEncoder, config: E
 
 def answers(policy: Policy, layer_probs: np.ndarray, exits: np.ndarray, neighbours: Neighbours,
             calibration: Calibration | None) -> np.ndarray:
-    """What the engine answers, from recorded layers: policy.final_probs at the (calibrated) exit layer -> (N,)."""
-    probs = layer_probs[np.arange(len(exits)), exits]  # (N, C)
-    if calibration is not None:
-        probs = calibration.apply_at(probs, exits)
-    return policy.final_probs(probs, neighbours).argmax(-1)
+    """What the engine answers, read from the recorded layers instead of truncated forwards -> (N,) labels."""
+    exit_probs = layer_probs[np.arange(len(exits)), exits]  # (N, C)
+    return answer_probs(policy, exit_probs, exits, neighbours, calibration).argmax(-1)
 
 
 def tune_fused(found: Neighbours, cal_probs: np.ndarray, labels: np.ndarray, task: Task, config: EvalConfig,

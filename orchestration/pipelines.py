@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from raee.models import load_backbone
-from raee.tasks import Task, load_split, score_per_layer
+from raee.tasks import Task, layer_stats, load_split
 
 
 @dataclass(frozen=True)
@@ -59,21 +59,14 @@ def layer_table(
     backbone = backbone or load_backbone(model, cache_dir=cache_dir, batch_size=batch_size)
     start = time.perf_counter()
     probs = backbone.layer_probs(data.texts, task, show_progress=not quiet)  # (N, L+1, C)
-    scores, shares = _layer_stats(task, probs, data.labels)
+    scores, shares = layer_stats(task, probs, data.labels)
     table = LayerTable(task.name, model, task.metric, len(data), scores, shares, 0.0)
     if train is not None:
         calibration = fit_calibration(backbone.layer_probs(train.texts, task, show_progress=not quiet))
-        cal_scores, cal_shares = _layer_stats(task, calibration.apply(probs), data.labels)
+        cal_scores, cal_shares = layer_stats(task, calibration.apply(probs), data.labels)
         table = replace(table, n_calibration=len(train), scores_calibrated=cal_scores,
                         constant_share_calibrated=cal_shares)
     return replace(table, seconds=time.perf_counter() - start)
-
-
-def _layer_stats(task: Task, probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(score of each layer's argmax, share of examples given the layer's commonest class), each (L+1,)."""
-    preds = probs.argmax(-1)  # (N, L+1)
-    counts = (preds[..., None] == np.arange(task.n_classes)).sum(axis=0)  # (L+1, C)
-    return score_per_layer(task, preds, labels), counts.max(axis=1) / max(len(preds), 1)
 
 
 def open_models(model: str, *, encoder: str, cache_dir: str | None, batch_size: int = 32):

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from raee.calibration import Calibration
 from raee.records import Neighbours
 
 # Float rounding that a distance of an exact duplicate carries (1 - cos in float32 gives -1.2e-7; Milvus'
@@ -309,6 +310,15 @@ def closest(neighbours: Neighbours, k: int) -> Neighbours:
         tuple(row[j] for j in cols) for row, cols in zip(neighbours.texts, keep.tolist(), strict=True))
     return Neighbours(take(neighbours.ids), take(neighbours.distances), take(neighbours.exit_probs),
                       take(neighbours.labels), texts, take(neighbours.layer_probs))
+
+
+def answer_probs(policy: Policy, exit_probs: np.ndarray, exit_layers: np.ndarray, neighbours: Neighbours,
+                 calibration: Calibration | None) -> np.ndarray:
+    """The policy's answer: its final_probs of the exit layer's distribution, calibrated at that layer first
+    when the database is (the correction its exit sets were computed with). (N, C), (N,) -> (N, C)."""
+    if calibration is not None:
+        exit_probs = calibration.apply_at(exit_probs, exit_layers)
+    return policy.final_probs(exit_probs, neighbours)
 
 
 # Policies by name, for configs and the CLI: name -> a constructor taking the policy's keyword parameters.

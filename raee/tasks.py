@@ -218,3 +218,12 @@ def score_per_layer(task: Task, layer_preds: np.ndarray, labels: np.ndarray) -> 
     if task.metric == "mcc":
         return matthews_corrcoef(layer_preds, labels)
     return (layer_preds == np.asarray(labels)[:, None]).mean(axis=0)
+
+
+def layer_stats(task: Task, layer_probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(score of each layer's argmax, share of examples given the layer's commonest class), each (L+1,).
+
+    layer_probs (N, L+1, C). A share near 1 means the layer says the same class for every input."""
+    preds = layer_probs.argmax(-1)  # (N, L+1)
+    counts = (preds[..., None] == np.arange(task.n_classes)).sum(axis=0)  # (L+1, C)
+    return score_per_layer(task, preds, labels), counts.max(axis=1) / max(len(preds), 1)
