@@ -167,8 +167,8 @@ def evaluate_task(task: Task, backbone: Backbone, encoder: KeyEncoder, config: E
 
         # Knobs of the fused policy: chosen on the tuning slice, under the depth budget.
         u = _record(backbone, encoder, tune, config, quiet)
-        fused, result.tune_grid = tune_fused(cal_db.search(u.keys, k=config.k), calibration.apply(u.layer_probs),
-                                             u.labels, task, config, n_layers)
+        fused, result.tune_grid = tune_fused(cal_db.search(u.keys, k=config.k), u, calibration, task, config,
+                                             n_layers)
         result.fused_params = {"k": fused.k, "beta": fused.beta, "slack": fused.slack, "alpha": fused.alpha}
 
         policies: dict[str, Policy] = {"raee": ExitPolicy(tau=config.tau, k=config.k),
@@ -228,19 +228,14 @@ def answers(policy: Policy, layer_probs: np.ndarray, exits: np.ndarray, neighbou
     return answer_probs(policy, exit_probs, exits, neighbours, calibration).argmax(-1)
 
 
-def tune_fused(found: Neighbours, cal_probs: np.ndarray, labels: np.ndarray, task: Task, config: EvalConfig,
+def tune_fused(found: Neighbours, tune: _Pass, calibration: Calibration, task: Task, config: EvalConfig,
                n_layers: int) -> tuple[FusedPolicy, list[dict[str, float]]]:
     """The (beta, slack) of the grid that scores best on the tuning slice with a mean exit within the budget.
 
     Ties go to the shallower setting. If no setting fits the budget, the shallowest one is taken."""
-    grid = []
-    for beta in config.fused_betas:
-        for slack in config.fused_slacks:
-            policy = FusedPolicy(k=config.k, beta=beta, slack=slack)
-            exits = policy.exit_layers(found)
-            preds = policy.final_probs(cal_probs[np.arange(len(exits)), exits], found).argmax(-1)
-            grid.append({"beta": beta, "slack": slack, "score": score(task, preds, labels),
-                         "mean_exit": float(np.mean(exits)) if len(exits) else float("nan")})
+    grid = [{"beta": beta, "slack": slack,
+             **_policy_point(FusedPolicy(k=config.k, beta=beta, slack=slack), found, tune, task, calibration)}
+            for beta in config.fused_betas for slack in config.fused_slacks]
     fits = [g for g in grid if g["mean_exit"] <= config.depth_budget * n_layers]
     best = (max(fits, key=lambda g: (round(g["score"], 9), -g["mean_exit"])) if fits
             else min(grid, key=lambda g: g["mean_exit"]))
