@@ -1,8 +1,10 @@
 """A disk cache of `Backbone.layer_probs` for evaluation runs: the backbone pass is the slow part of `raee eval`.
 
-Keyed by everything the probabilities depend on (backbone, its weights' identity, template, split, example
-positions, max_length), stored as plain `.npz` (no pickle) under `<cache_dir>/layer-probs/`. Re-running an
-evaluation with other policies or hyper-parameters then costs no forward pass. Inference never uses it.
+Keyed by the backbone's name and depth, max_length, template, split, example positions and texts, stored as
+plain `.npz` (no pickle) under `<cache_dir>/layer-probs/`. Re-running an evaluation with other policies or
+hyper-parameters then costs no forward pass. Inference never uses it. The key does not hash the weights: after
+changing a model's files in place under the same name, delete `<cache_dir>/layer-probs/` (or pass
+`--no-forward-cache`).
 """
 
 from __future__ import annotations
