@@ -39,8 +39,9 @@ def test_exact_duplicates_take_all_the_weight():
     # min d = 0: the two duplicates get 1 (limit of min/d at d = min), the rest 0/3 = 0, padding 0.
     d = np.array([[0.0, 0.0, 3.0, INF]])
     np.testing.assert_array_equal(neighbour_weights(d), [[1.0, 1.0, 0.0, 0.0]])
-    # 1 - cos rounded below 0, or a squared L2 rounded above it, is still a duplicate: the same query gets the
-    # same weights whatever the batch it was searched in (found by the engine cross-check of `raee eval`)
+    # 1 - cos rounded below 0, or a squared L2 rounded above it (relative to the row's distances), is still a
+    # duplicate: the same query gets the same weights whatever the batch it was searched in (found by the
+    # engine cross-check of `raee eval`)
     np.testing.assert_array_equal(neighbour_weights(np.array([[-1e-7, 2.0]])), [[1.0, 0.0]])
     np.testing.assert_array_equal(neighbour_weights(np.array([[1.2e-7, 2.0]])), [[1.0, 0.0]])
 
