@@ -13,7 +13,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from raee.tasks import TASKS
+from raee.tasks import builtin_tasks
 
 SENTENCES = [
     "a stirring , funny and finally transporting film .",
@@ -30,7 +30,7 @@ _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>"]
 
 def _vocabulary() -> list[str]:
     words: list[str] = []
-    for task in TASKS.values():
+    for task in builtin_tasks().values():
         for style in ("causal", "mlm"):
             words += task.prompt("", style, "").split() + list(task.label_words(style))
     for sentence in SENTENCES:

@@ -66,7 +66,7 @@ def test_predictions_equal_backbone_at_the_chosen_exits(setup_reused, monkeypatc
     assert [r.exit_layer for r in responses] == exits.tolist()
     assert [r.label for r in responses] == preds.labels.tolist()
     np.testing.assert_allclose([r.probs for r in responses], preds.probs, atol=1e-6)
-    assert [r.label_word for r in responses] == [SST2.causal_words[label] for label in preds.labels]
+    assert [r.label_word for r in responses] == [SST2.words[label] for label in preds.labels]
     assert all(r.neighbours is None for r in responses)
     times = engine.last_times
     assert times.n_requests == len(QUERIES) and times.n_searches == 1
@@ -104,7 +104,7 @@ def test_explain_returns_k_neighbours_with_texts(setup_reused):
     assert distances == sorted(distances)
     stored = dbs["sst2"].get(np.array([n.id for n in first.neighbours]))
     assert tuple(n.text for n in first.neighbours) == stored.texts
-    assert all(n.text in TRAIN_TEXTS and n.label_word == SST2.causal_words[n.label] for n in first.neighbours)
+    assert all(n.text in TRAIN_TEXTS and n.label_word == SST2.words[n.label] for n in first.neighbours)
     np.testing.assert_allclose([n.exit_probs for n in first.neighbours], stored.exit_probs)
     alone = engine.classify([QUERIES[0]], SST2, explain=True)[0]  # batch-mates change keys only by rounding
     assert [n.id for n in alone.neighbours] == [n.id for n in first.neighbours]

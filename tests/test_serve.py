@@ -135,7 +135,7 @@ def test_health_tasks_and_openapi(served_reused):
     assert health["limits"]["max_texts"] == LIMITS.max_texts  # user_config reached reconfigure
     tasks = requests.get(f"{url}/v1/tasks", timeout=TIMEOUT_S).json()
     assert [(t["name"], t["n_records"]) for t in tasks] == [("sst2", len(TRAIN_TEXTS)), ("trec", len(TRAIN_TEXTS))]
-    assert tasks[0]["label_words"] == list(SST2.causal_words)
+    assert tasks[0]["label_words"] == list(SST2.words)
     assert "/v1/classify" in requests.get(f"{url}/openapi.json", timeout=TIMEOUT_S).json()["paths"]
 
 
