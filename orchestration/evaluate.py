@@ -1,9 +1,10 @@
 """`raee eval`: the paper's Table 1 / Table 8 comparison plus the calibrated policies, on one backbone.
 
-Per task the training split is divided, with a seed, into a held-out tuning slice and the database examples.
-The database examples run through the backbone once (Alg. 3.1); their layer distributions give the per-layer
-calibration (training split only) and three exit databases: raw (the paper), only-correct ("RAEE w/o") and
-calibrated (`raee-cal`, `fused`). The tuning slice picks the fused policy's knobs under the depth budget;
+Per task the training split is divided, with a seed, into a held-out tuning slice and the database examples
+(`--limit-train` caps both together). The database examples run through the backbone once (Alg. 3.1); their
+layer distributions give the per-layer calibration (training split only) and two exit databases: the build
+every policy reads (`raee` raw, `raee-cal` and `fused` through the stored calibration) and the only-correct
+variant ("RAEE w/o"). The tuning slice picks the fused policy's knobs under the depth budget;
 the test split is never used to choose anything. The test split is run once with every layer recorded: every
 method's prediction is read from the recorded layers (the exactness contract), and each retrieval policy also
 runs through the real inference engine (one Milvus search per batch, truncated forwards) to check that the
@@ -18,10 +19,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from collectors.build import exit_db_meta, exit_records, subset_indices, variant_collection
+from collectors.build import exit_records, subset_indices
 from inference_workers.engine import BatchEngine
-from milvus.exit_db import ExitDB
-from orchestration.forward_cache import cached_layer_probs
+from milvus.exit_db import BuildVariant, ExitDB, collection_name, setup_meta
+from orchestration.forward_cache import cached_layer_pass
+from orchestration.methods import ENGINE_METHODS, METHODS
 from raee.backbones import Backbone
 from raee.calibration import Calibration, fit_calibration
 from raee.exit_policy import (
@@ -30,6 +32,7 @@ from raee.exit_policy import (
     FusedPolicy,
     Policy,
     answer_probs,
+    calibrated_view,
     closest,
     confidence_exit,
     knn_vote,
@@ -41,15 +44,7 @@ from raee.tasks import Dataset, Task, layer_stats, load_split, score
 
 log = logging.getLogger(__name__)
 
-METHODS = ["full", "full_cal", "raee", "raee_wo", "raee_cal", "fused", "fixed_trunc", "confidence", "knn", "oracle"]
-METHOD_TITLES = {
-    "full": "Full model (last layer)", "full_cal": "Full model, calibrated last layer (new)",
-    "raee": "RAEE (paper)", "raee_wo": "RAEE w/o (only-correct db)",
-    "raee_cal": "RAEE, calibrated db (new)", "fused": "Fused: calibrated layer x neighbour vote (new)",
-    "fixed_trunc": "Fixed truncation at RAEE's mean exit", "confidence": "Confidence exit (zero-shot)",
-    "knn": "kNN label vote (no backbone)", "oracle": "Oracle (earliest correct layer)",
-}
-ENGINE_METHODS = ("raee", "raee_cal", "fused")  # retrieval policies that also run through the inference engine
+__all__ = ["METHODS", "EvalConfig", "TaskResult", "evaluate_task"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +55,7 @@ class EvalConfig:
     tau: float = 0.9
     confidence_threshold: float = 0.9
     db_uri: str = "./raee.db"
-    limit_train: int | None = None
+    limit_train: int | None = None  # training examples taken in all (tuning slice + database)
     limit_test: int | None = None
     latency_examples: int = 32
     latency_batch_sizes: tuple[int, ...] = (1, 32)
@@ -69,7 +64,8 @@ class EvalConfig:
     fraction_sweep: tuple[float, ...] = ()
     seed: int = 0
     rebuild: bool = False
-    tune_examples: int = 500  # held-out training examples that choose the fused policy's knobs
+    tune_examples: int = 500  # held-out training examples that choose the fused policy's knobs (at most a third
+    # of limit_train when that is set)
     depth_budget: float = 0.6  # the tuned fused policy may exit at most this share of the layers on average
     fused_betas: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
     fused_slacks: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
@@ -113,32 +109,45 @@ class TaskResult:
 
 @dataclass(frozen=True)
 class _Pass:
-    """One split's recorded forward pass: every layer's label distribution, keys, labels."""
+    """One split's recorded forward pass: every layer's label distribution and state, keys, labels."""
 
     layer_probs: np.ndarray  # (N, L+1, C) raw
+    states: np.ndarray  # (N, L+1, H) answer-position residual stream
     keys: np.ndarray  # (N, D)
     labels: np.ndarray  # (N,)
-    texts: tuple[str, ...]
+    data: Dataset
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        return self.data.texts
+
+
+def tune_size(limit_train: int | None, tune_examples: int) -> int:
+    """Tuning-slice size: tune_examples, but at most a third of limit_train, which caps everything taken."""
+    return tune_examples if limit_train is None else min(tune_examples, limit_train // 3)
 
 
 def split_train(train: Dataset, limit: int | None, n_tune: int, seed: int = 0) -> tuple[Dataset, Dataset]:
     """(database examples, tuning slice): disjoint seeded subsets of the training split, both in file order.
 
-    The tuning slice takes the first n_tune of a seeded permutation, the database the next `limit` (all the
-    rest when None), so hyper-parameters are chosen on training examples the database does not hold."""
+    The tuning slice takes the first n_tune of a seeded permutation, the database the next `limit - n_tune`
+    (all the rest when limit is None): hyper-parameters are chosen on training examples the database does not
+    hold, and no more than `limit` training examples are taken in all."""
     if n_tune < 0 or n_tune >= len(train):
         raise ValueError(f"tune_examples must lie in [0, {len(train)}) for {len(train)} training examples, "
                          f"got {n_tune}")
+    if limit is not None and limit <= n_tune:
+        raise ValueError(f"limit_train {limit} leaves no database examples after a {n_tune}-example tuning slice")
     perm = np.random.default_rng(seed).permutation(len(train))
     rest = perm[n_tune:]
-    return train._take(np.sort(rest if limit is None else rest[:limit])), train._take(np.sort(perm[:n_tune]))
+    return train.take(np.sort(rest if limit is None else rest[: limit - n_tune])), train.take(np.sort(perm[:n_tune]))
 
 
 def evaluate_task(task: Task, backbone: Backbone, encoder: KeyEncoder, config: EvalConfig, *,
                   data_dir: str | None = None, quiet: bool = False, figure_dir: str | None = None) -> TaskResult:
     """All methods of the comparison on one task (see module docstring)."""
-    train, tune = split_train(load_split(task, "train", data_dir), config.limit_train, config.tune_examples,
-                              config.seed)
+    train, tune = split_train(load_split(task, "train", data_dir), config.limit_train,
+                              tune_size(config.limit_train, config.tune_examples), config.seed)
     test = load_split(task, "test", data_dir).sample(config.limit_test, config.seed)
     n_layers = backbone.n_layers
     result = TaskResult(task.name, task.metric, len(train), len(test), n_layers, n_tune=len(tune))
@@ -146,15 +155,15 @@ def evaluate_task(task: Task, backbone: Backbone, encoder: KeyEncoder, config: E
     start = time.perf_counter()
     tr = _record(backbone, encoder, train, config, quiet)
     calibration = fit_calibration(tr.layer_probs)  # the training split's database examples, nothing else
-    meta, meta_cal = (exit_db_meta(backbone, encoder, task, calibrated=c) for c in (False, True))
+    meta = setup_meta(backbone, encoder, task)
     suffix = f"_n{len(train)}_tune{len(tune)}_seed{config.seed}"
-    with ExitDB(config.db_uri, collection=variant_collection(meta) + suffix, meta=meta) as raw_db, \
-         ExitDB(config.db_uri, collection=variant_collection(meta, only_correct=True) + suffix, meta=meta) as wo_db, \
-         ExitDB(config.db_uri, collection=variant_collection(meta_cal) + suffix, meta=meta_cal,
-                calibration=calibration) as cal_db:
-        if not np.allclose(cal_db.calibration.bias, calibration.bias):
-            raise ValueError(f"{cal_db.collection} holds another calibration; rerun with rebuild=True")
-        records = _write(task, train, tr, calibration, raw_db, wo_db, cal_db, rebuild=config.rebuild)
+    wo = BuildVariant(only_correct=True)
+    with ExitDB(config.db_uri, collection=collection_name(meta) + suffix, meta=meta,
+                calibration=calibration) as raw_db, \
+         ExitDB(config.db_uri, collection=collection_name(meta, wo) + suffix, meta=meta, variant=wo) as wo_db:
+        if raw_db.calibration is None or not np.allclose(raw_db.calibration.bias, calibration.bias):
+            raise ValueError(f"{raw_db.collection} holds another calibration; rerun with rebuild=True")
+        records = _write(task, train, tr, raw_db, wo_db, rebuild=config.rebuild)
         result.build_seconds = round(time.perf_counter() - start, 1)
         result.share_train_no_correct_layer = float(np.mean((records.exit_probs == 0).all(axis=1)))
 
@@ -167,15 +176,14 @@ def evaluate_task(task: Task, backbone: Backbone, encoder: KeyEncoder, config: E
 
         # Knobs of the fused policy: chosen on the tuning slice, under the depth budget.
         u = _record(backbone, encoder, tune, config, quiet)
-        fused, result.tune_grid = tune_fused(cal_db.search(u.keys, k=config.k), u, calibration, task, config,
-                                             n_layers)
+        fused, result.tune_grid = tune_fused(calibrated_view(raw_db.search(u.keys, k=config.k), calibration), u,
+                                             calibration, task, config, n_layers)
         result.fused_params = {"k": fused.k, "beta": fused.beta, "slack": fused.slack, "alpha": fused.alpha}
 
         policies: dict[str, Policy] = {"raee": ExitPolicy(tau=config.tau, k=config.k),
                                        "raee_cal": CalibratedExitPolicy(tau=config.tau, k=config.k), "fused": fused}
-        dbs = {"raee": raw_db, "raee_cal": cal_db, "fused": cal_db}
         found = raw_db.search(t.keys, k=max((config.k, *config.k_sweep)))
-        found_cal = cal_db.search(t.keys, k=config.k)
+        found_cal = calibrated_view(closest(found, config.k), calibration)
         exits = {"full": np.full(len(test), n_layers), "raee_wo": ExitPolicy(tau=config.tau, k=config.k)
                  .exit_layers(wo_db.search(t.keys, k=config.k)),
                  "confidence": confidence_exit(t.layer_probs, config.confidence_threshold),
@@ -197,11 +205,12 @@ def evaluate_task(task: Task, backbone: Backbone, encoder: KeyEncoder, config: E
         result.scores["knn"] = score(task, knn_vote(knn.distances, knn.labels, task.n_classes).argmax(-1), t.labels)
         result.mean_exit["knn"] = 0.0
 
-        engines = {m: BatchEngine(backbone, encoder, {task.name: dbs[m]}, policies[m]) for m in ENGINE_METHODS}
+        engines = {m: BatchEngine.single(backbone, encoder, task, raw_db, policies[m], name=ENGINE_METHODS[m])
+                   for m in ENGINE_METHODS}
         n_check = len(test) if config.engine_check_examples is None else min(config.engine_check_examples, len(test))
         result.engine_checked = n_check
         for method, engine in engines.items():
-            result.engine_mismatches[method] = _engine_mismatches(engine, task, t.texts[:n_check],
+            result.engine_mismatches[method] = _engine_mismatches(engine, task, t.data.head(n_check),
                                                                   exits[method][:n_check], preds[method][:n_check])
         result.exit_histogram = np.bincount(exits["raee"], minlength=n_layers + 1).tolist()
         result.fused_exit_histogram = np.bincount(exits["fused"], minlength=n_layers + 1).tolist()
@@ -212,7 +221,7 @@ def evaluate_task(task: Task, backbone: Backbone, encoder: KeyEncoder, config: E
         result.k_sweep = {str(k): _policy_point(ExitPolicy(tau=config.tau, k=k), closest(found, k), t, task)
                           for k in config.k_sweep}
         result.fraction_sweep = _fraction_sweep(records, meta, t, task, policies["raee"], config)
-        result.latency_ms = _latency(engines, backbone, task, t.texts, config)
+        result.latency_ms = _latency(engines, backbone, task, t.data, config)
         if figure_dir:
             from orchestration.report import plot_depth_accuracy, plot_task_figures
 
@@ -243,20 +252,17 @@ def tune_fused(found: Neighbours, tune: _Pass, calibration: Calibration, task: T
 
 
 def _record(backbone: Backbone, encoder: KeyEncoder, data: Dataset, config: EvalConfig, quiet: bool) -> _Pass:
-    probs = cached_layer_probs(backbone, data, config.cache_dir, quiet=quiet)
-    keys = encoder.encode(list(data.texts), data.task, show_progress=not quiet) if len(data) else \
+    recorded = cached_layer_pass(backbone, data, config.cache_dir, quiet=quiet)
+    keys = encoder.encode(data.inputs, data.task, show_progress=not quiet) if len(data) else \
         np.zeros((0, encoder.dim), np.float32)
-    return _Pass(probs, keys, data.labels, data.texts)
+    return _Pass(recorded.probs, recorded.states, keys, data.labels, data)
 
 
-def _write(task: Task, train: Dataset, tr: _Pass, calibration: Calibration, raw_db: ExitDB, wo_db: ExitDB,
-           cal_db: ExitDB, *, rebuild: bool) -> ExitRecords:
-    """The three databases from ONE recorded pass; rows are rewritten only when a database is incomplete."""
-    texts, idx = list(train.texts), train.example_idx
-    raw, _ = exit_records(task, "train", idx, texts, train.labels, tr.layer_probs, tr.keys)
-    cal, _ = exit_records(task, "train", idx, texts, train.labels, tr.layer_probs, tr.keys, calibration=calibration)
+def _write(task: Task, train: Dataset, tr: _Pass, raw_db: ExitDB, wo_db: ExitDB, *, rebuild: bool) -> ExitRecords:
+    """Both databases from ONE recorded pass; rows are rewritten only when a database is incomplete."""
+    raw, _ = exit_records(task, "train", train, tr.layer_probs, tr.keys)
     wo = _select(raw, raw.exit_probs[:, -1] > 0)  # the full model (last layer) is right
-    for db, records in ((raw_db, raw), (wo_db, wo), (cal_db, cal)):
+    for db, records in ((raw_db, raw), (wo_db, wo)):
         if rebuild or db.count() != len(records):
             db.upsert(records)
             db.flush()
@@ -271,12 +277,13 @@ def _select(records: ExitRecords, keep: np.ndarray) -> ExitRecords:
                        None if records.layer_probs is None else records.layer_probs[keep])
 
 
-def _engine_mismatches(engine: BatchEngine, task: Task, texts: tuple[str, ...], exits: np.ndarray,
+def _engine_mismatches(engine: BatchEngine, task: Task, data: Dataset, exits: np.ndarray,
                        preds: np.ndarray) -> int:
     """Test examples where the engine's exit layer or answer differs from the recorded-layer reading."""
     responses = []
-    for start in range(0, len(texts), 64):
-        responses += engine.classify(list(texts[start : start + 64]), task)
+    for start in range(0, len(data), 64):
+        part = data.take(np.arange(start, min(start + 64, len(data))))
+        responses += engine.classify(list(part.texts), task, pairs=part.pairs)
     got_exits = np.array([r.exit_layer for r in responses], dtype=np.int64)
     got = np.array([r.label for r in responses], dtype=np.int64)
     return int(((got_exits != exits) | (got != preds)).sum())
@@ -300,32 +307,34 @@ def _fraction_sweep(records: ExitRecords, meta, t: _Pass, task: Task, policy: Po
     out = {}
     for fraction in config.fraction_sweep:
         keep = subset_indices(len(records), fraction, config.seed)
-        name = variant_collection(meta, fraction=fraction, seed=config.seed) + f"_n{len(records)}"
-        with ExitDB(config.db_uri, collection=name, meta=meta) as db:
+        variant = BuildVariant(fraction=fraction, seed=config.seed)
+        name = collection_name(meta, variant) + f"_n{len(records)}"
+        with ExitDB(config.db_uri, collection=name, meta=meta, variant=variant) as db:
             db.upsert(_select(records, np.isin(np.arange(len(records)), keep)))
             db.flush()
             out[f"{fraction:g}"] = _policy_point(policy, db.search(t.keys, k=policy.k), t, task)
     return out
 
 
-def _latency(engines: dict[str, BatchEngine], backbone: Backbone, task: Task, texts: tuple[str, ...],
+def _latency(engines: dict[str, BatchEngine], backbone: Backbone, task: Task, data: Dataset,
              config: EvalConfig) -> dict[str, dict[str, float]]:
     """End-to-end ms per example of each engine (encoder + retrieval + policy + truncated forward) and the
     full model, on the same texts in the same process, alternating repeats; medians over repeats."""
-    sample = list(texts[: config.latency_examples])
+    sample = data.head(config.latency_examples)
     out: dict[str, dict[str, float]] = {}
     for batch_size in config.latency_batch_sizes:
-        batches = [sample[i : i + batch_size] for i in range(0, len(sample), batch_size)]
+        batches = [sample.take(np.arange(i, min(i + batch_size, len(sample))))
+                   for i in range(0, len(sample), batch_size)]
         times: dict[str, list[float]] = {"full": [], **{m: [] for m in engines}}
         for _ in range(config.latency_repeats):
             start = time.perf_counter()
             for batch in batches:
-                backbone.predict(batch, task, backbone.n_layers)
+                backbone.predict(batch.texts, task, backbone.n_layers, pairs=batch.pairs)
             times["full"].append(time.perf_counter() - start)
             for method, engine in engines.items():
                 start = time.perf_counter()
                 for batch in batches:
-                    engine.classify(batch, task)
+                    engine.classify(list(batch.texts), task, pairs=batch.pairs)
                 times[method].append(time.perf_counter() - start)
         ms = {m: 1000 * float(np.median(v)) / max(len(sample), 1) for m, v in times.items()}
         row = {f"{m}_ms": round(v, 2) for m, v in ms.items()}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestration.methods import METHOD_TITLES, METHODS
 from raee.records import Neighbours
 from raee.tasks import Task
 
@@ -25,8 +26,6 @@ def _table(lines: list[str], title: str, tasks: list[str], rows: list[tuple[str,
 
 def markdown(results: list[dict], *, header: dict) -> str:
     """Score table (Table 1), mean exit layer table (Table 8), latency, tuning, diagnostics and sweeps."""
-    from orchestration.evaluate import METHOD_TITLES, METHODS
-
     tasks = [r["task"] for r in results]
     n_layers = results[0]["n_layers"]
     lines = [f"Backbone `{header['model']}`, key encoder `{header['encoder']}`, k={header['k']}, tau={header['tau']}, "
@@ -91,8 +90,6 @@ def plot_depth_accuracy(folder: str, result: dict) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from orchestration.evaluate import METHOD_TITLES
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)

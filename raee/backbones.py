@@ -51,6 +51,14 @@ class Predictions:
 
 
 @dataclass(frozen=True)
+class LayerPass:
+    """One recorded forward: every layer's label distribution and answer-position state."""
+
+    probs: np.ndarray  # (B, L+1, C) float32
+    states: np.ndarray  # (B, L+1, H) float32, residual stream leaving each layer (pre final norm)
+
+
+@dataclass(frozen=True)
 class _Parts:
     """Where an architecture keeps what early exit needs."""
 
@@ -197,19 +205,27 @@ class Backbone:
         return self._label_ids[key]
 
     @torch.no_grad()
-    def layer_probs(
-        self, texts: Sequence[str], task: Task, *, batch_size: int | None = None, show_progress: bool = False
-    ) -> np.ndarray:
-        """probs[b, l, c] = softmax over label words of the exit logits at layer l; one forward per batch.
+    def layer_pass(self, texts: Sequence[str], task: Task, *, pairs: Sequence[str] | None = None,
+                   batch_size: int | None = None, show_progress: bool = False) -> LayerPass:
+        """probs[b, l, c] = softmax over label words of the exit logits at layer l, and the states they read.
 
-        texts (B,) -> (B, L+1, C) float32. Every block runs once per text (this is the build-time pass)."""
+        texts (B,) -> LayerPass((B, L+1, C), (B, L+1, H)). Every block runs once per text (the build-time pass)."""
         full = np.full(len(texts), self.n_layers, dtype=np.int64)
+        hidden = int(self.model.config.get_text_config().hidden_size)
         out = np.zeros((len(texts), self.n_layers + 1, task.n_classes), dtype=np.float32)
-        prompts, _ = self._prompts(texts, task)
+        states = np.zeros((len(texts), self.n_layers + 1, hidden), dtype=np.float32)
+        prompts, _ = self._prompts(texts, task, pairs)
         for idx, run in self._runs(prompts, task, full, batch_size, show_progress, record_all=True):
             per_layer = [self._probs(run.states[layer][1], task) for layer in range(self.n_layers + 1)]
             out[idx] = torch.stack(per_layer, dim=1).cpu().numpy()  # (b, L+1, C)
-        return out
+            states[idx] = torch.stack([run.states[layer][1] for layer in range(self.n_layers + 1)],
+                                      dim=1).float().cpu().numpy()
+        return LayerPass(out, states)
+
+    def layer_probs(self, texts: Sequence[str], task: Task, *, pairs: Sequence[str] | None = None,
+                    batch_size: int | None = None, show_progress: bool = False) -> np.ndarray:
+        """layer_pass(...).probs: (B, L+1, C)."""
+        return self.layer_pass(texts, task, pairs=pairs, batch_size=batch_size, show_progress=show_progress).probs
 
     @torch.no_grad()
     def predict(
@@ -218,6 +234,8 @@ class Backbone:
         task: Task,
         exit_layers: Sequence[int] | np.ndarray | int,
         *,
+        pairs: Sequence[str] | None = None,
+        head: Any = None,
         batch_size: int | None = None,
         show_progress: bool = False,
     ) -> Predictions:
@@ -228,21 +246,26 @@ class Backbone:
         if layers.size and (layers.min() < 0 or layers.max() > self.n_layers):
             raise BackboneError(f"exit layers must lie in [0, {self.n_layers}] for {self.name}")
         probs = np.zeros((len(texts), task.n_classes), dtype=np.float32)
-        prompts, truncated = self._prompts(texts, task)
+        prompts, truncated = self._prompts(texts, task, pairs)
         for idx, run in self._runs(prompts, task, layers, batch_size, show_progress, record_all=False):
-            for rows, states in run.states.values():  # at most L+1 groups, one per distinct exit layer
-                probs[idx[rows.cpu().numpy()]] = self._probs(states, task).cpu().numpy()
+            for layer, (rows, states) in run.states.items():  # at most L+1 groups, one per distinct exit layer
+                if head is None:
+                    probs[idx[rows.cpu().numpy()]] = self._probs(states, task).cpu().numpy()
+                else:
+                    probs[idx[rows.cpu().numpy()]] = head.probs(layer, states.float().cpu().numpy())
         return Predictions(probs.argmax(axis=1).astype(np.int64), probs, layers, truncated)
 
     def _probs(self, states: torch.Tensor, task: Task) -> torch.Tensor:
         return torch.softmax(self.parts.exit_logits(states, self.label_ids(task)).float(), dim=-1)  # (n, C)
 
-    def _prompts(self, texts: Sequence[str], task: Task) -> tuple[list[str], np.ndarray]:
+    def _prompts(self, texts: Sequence[str], task: Task,
+                 pairs: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
         """(prompt per text, (B,) bool truncated): checked before any work, so bad input fails fast."""
         if any(not isinstance(t, str) for t in texts):
             raise BackboneError("texts must be strings")
         self.label_ids(task)  # fail on bad label words before any work
-        fitted = [self._fit(t, task) for t in texts]
+        pairs = pairs if pairs is not None else [None] * len(texts)
+        fitted = [self._fit(t, task, p) for t, p in zip(texts, pairs, strict=True)]
         return [p for p, _ in fitted], np.array([cut for _, cut in fitted], dtype=bool)
 
     def _runs(
@@ -266,16 +289,16 @@ class Backbone:
         """Template the text, truncating the sentence (never the template) to fit max_length tokens."""
         return self._fit(text, task)[0]
 
-    def _fit(self, text: str, task: Task) -> tuple[str, bool]:
+    def _fit(self, text: str, task: Task, pair: str | None = None) -> tuple[str, bool]:
         """(prompt, whether the sentence was cut): callers report the cut, since it changes the answer."""
         mask = self.tokenizer.mask_token or "<mask>"
-        prompt = task.prompt(text, self.style, mask)
+        prompt = task.prompt(text, self.style, mask, pair)
         n_prompt = len(self.tokenizer.encode(prompt))
         if n_prompt <= self.max_length:
             return prompt, False
         sentence_ids = self.tokenizer.encode(text, add_special_tokens=False)
         keep = max(len(sentence_ids) - (n_prompt - self.max_length) - 2, 0)  # 2: retokenisation slack
-        return task.prompt(self.tokenizer.decode(sentence_ids[:keep]), self.style, mask), True
+        return task.prompt(self.tokenizer.decode(sentence_ids[:keep]), self.style, mask, pair), True
 
     def _forward(self, prompts: list[str], exit_layers: np.ndarray, record_all: bool) -> _ExitRun:
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="right")

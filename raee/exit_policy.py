@@ -11,7 +11,7 @@ and "fused" (calibrated layer x neighbour vote, docs/exit-policies.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Protocol
 
 import numpy as np
@@ -31,6 +31,39 @@ _DUPLICATE_RTOL = 1e-5
 _TIE_RTOL = 1e-9
 # Probabilities are floored here before a log, so a zero never turns a product of experts into NaN.
 _LOG_FLOOR = 1e-12
+
+
+def exit_sets(layer_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Alg. 3.1's exit set: e[..., l] = p[..., l, y] if argmax_c p[..., l, c] = y else 0.
+
+    layer_probs (..., L+1, C), labels (...) ints, -1 for padding -> (..., L+1) float32, 0 for padding rows.
+    argmax ties go to the lower class."""
+    probs = np.asarray(layer_probs)
+    labels = np.asarray(labels, dtype=np.int64)
+    if probs.shape[:-2] != labels.shape:
+        raise ValueError(f"layer_probs {probs.shape} and labels {labels.shape} disagree on the leading dimensions")
+    safe = np.maximum(labels, 0)[..., None, None]  # padding reads class 0, then is zeroed
+    gold = np.take_along_axis(probs, np.broadcast_to(safe, (*labels.shape, probs.shape[-2], 1)), axis=-1)[..., 0]
+    correct = (probs.argmax(axis=-1) == labels[..., None]) & (labels[..., None] >= 0)  # (..., L+1)
+    return np.where(correct, gold, 0.0).astype(np.float32)
+
+
+def calibrated_view(neighbours: Neighbours, calibration: Calibration | None) -> Neighbours:
+    """The neighbours as a calibrated database would hold them: layer distributions calibrated, exit sets redone.
+
+    One stored build serves the raw policy (the paper's) and the calibrated ones (raee-cal, fused)."""
+    if neighbours.layer_probs is None:
+        raise ValueError("calibrated policies need the neighbours' per-layer label distributions; this exit "
+                         "database does not store them: rebuild it with `raee build`")
+    if calibration is None:
+        raise ValueError("this exit database stores no calibration, which the calibrated policies (raee-cal, fused) "
+                         "need: rebuild it with `raee build`, or use --policy raee")
+    shape = neighbours.layer_probs.shape  # (N, K, L+1, C)
+    valid = neighbours.valid[..., None, None]
+    filled = np.where(valid, neighbours.layer_probs, 1.0)  # padding rows are all 0: keep the division defined
+    probs = calibration.apply(filled.reshape(-1, *shape[2:])).reshape(shape)
+    probs = np.where(valid, probs, 0.0).astype(np.float32)
+    return replace(neighbours, layer_probs=probs, exit_probs=exit_sets(probs, neighbours.labels))
 
 
 def neighbour_weights(distances: np.ndarray, *, valid: np.ndarray | None = None) -> np.ndarray:
@@ -328,6 +361,12 @@ def answer_probs(policy: Policy, exit_probs: np.ndarray, exit_layers: np.ndarray
 
 # Policies by name, for configs and the CLI: name -> a constructor taking the policy's keyword parameters.
 POLICIES: dict[str, type[Policy]] = {"raee": ExitPolicy, "raee-cal": CalibratedExitPolicy, "fused": FusedPolicy}
+DEFAULT_POLICY = "fused"  # the best measured (docs/results.md); "raee" is the paper's
+
+
+def all_policies(**knobs: float | None) -> dict[str, Policy]:
+    """Every registered policy, each given the knobs it accepts (k, tau, beta, slack, ...; None = its default)."""
+    return {name: get_policy(name, **policy_kwargs(name, **knobs)) for name in POLICIES}
 
 
 def get_policy(name: str, **params: object) -> Policy:

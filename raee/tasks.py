@@ -32,15 +32,15 @@ import hashlib
 import logging
 import os
 import re
-import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import tomllib
 
 Style = Literal["causal", "mlm"]
 Split = Literal["train", "test"]
@@ -292,7 +292,7 @@ def builtin_task(name: str) -> Task:
     return _builtin(key)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _builtin(key: str) -> Task:
     text = resources.files("raee").joinpath("task_specs", f"{key}.toml").read_text(encoding="utf-8")
     return task_from_toml(text, source=f"built-in task {key}")

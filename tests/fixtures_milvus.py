@@ -20,8 +20,8 @@ from milvus.exit_db import ExitDB, ExitDBError, ExitDBMeta
 from milvus.server import EmbeddedMilvusServer, MilvusServerUnavailable
 from raee.records import ExitRecords
 
-TEST_META = ExitDBMeta(backbone="tiny-llama", encoder="test-enc", task="sst-2", template_hash="t0", n_layers=3,
-                       dim=8, metric="L2")
+TEST_META = ExitDBMeta(backbone="tiny-llama", encoder="test-enc", task="sst2", task_digest="t0", n_layers=3,
+                       dim=8, n_classes=2, metric="L2")
 
 
 def make_exit_records(ids: np.ndarray, meta: ExitDBMeta = TEST_META) -> ExitRecords:

@@ -7,16 +7,11 @@ import itertools
 import numpy as np
 import pytest
 
-from collectors.build import (
-    build_database,
-    build_exit_records,
-    exit_db_meta,
-    exit_sets,
-    subset_indices,
-    variant_collection,
-)
-from milvus.exit_db import ExitDB
+from collectors.build import BuildOptions, build_database, build_rows, record_batches, subset_indices
+from milvus.exit_db import BuildVariant, ExitDB, collection_name, setup_meta
 from raee.backbones import Backbone
+from raee.calibration import fit_calibration
+from raee.exit_policy import exit_sets
 from raee.keys import BackboneStateEncoder
 from raee.records import record_ids
 from raee.tasks import Dataset, get_task
@@ -30,6 +25,12 @@ def pair_dataset(n: int = 30, seed: int = 0) -> Dataset:
     texts = tuple(f"{a} {b}" for a, b in itertools.permutations(SENTENCES, 2))[:n]
     labels = np.random.default_rng(seed).integers(0, 2, size=len(texts))
     return Dataset(SST2, "train", texts, labels)
+
+
+def test_builds_refuse_the_test_split():
+    data = pair_dataset(5)
+    with pytest.raises(ValueError, match="training split only"):
+        build_rows(Dataset(SST2, "test", data.texts, data.labels), BuildVariant())
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +48,13 @@ def test_exit_sets_by_hand():
     probs = np.array([[[0.6, 0.4], [0.3, 0.7], [0.5, 0.5]]], dtype=np.float32)  # (1, 3 layers, 2 classes)
     np.testing.assert_allclose(exit_sets(probs, np.array([1])), [[0.0, 0.7, 0.0]])  # a 0.5 tie goes to class 0
     np.testing.assert_allclose(exit_sets(probs, np.array([0])), [[0.6, 0.0, 0.5]])
+    padded = exit_sets(np.stack([probs[0], probs[0]])[None], np.array([[1, -1]]))  # (1, 2 neighbours, 3)
+    np.testing.assert_allclose(padded, [[[0.0, 0.7, 0.0], [0.0, 0.0, 0.0]]])  # padding (-1) is all 0
 
 
 def test_records_match_layer_probs(tiny_llama_reused, state_encoder_reused, tmp_path):
     backbone, encoder, data = tiny_llama_reused, state_encoder_reused, pair_dataset(13)
-    batches = list(build_exit_records(backbone, encoder, SST2, data, batch_size=5))
+    batches = [records for records, _ in record_batches(backbone, encoder, data, batch_size=5)]
     assert [len(b) for b in batches] == [5, 5, 3]
     probs = backbone.layer_probs(list(data.texts), SST2)  # (N, L+1, C)
     correct = probs.argmax(2) == data.labels[:, None]  # (N, L+1)
@@ -63,36 +66,45 @@ def test_records_match_layer_probs(tiny_llama_reused, state_encoder_reused, tmp_
     np.testing.assert_allclose(np.concatenate([b.vectors for b in batches]), encoder.encode(list(data.texts)),
                                atol=1e-5)
 
+    options = BuildOptions(batch_size=5, calibration_examples=6)
     summary = build_database(backbone, encoder, SST2, db_uri=str(tmp_path / "exit.db"), dataset=data,
-                             batch_size=5, show_progress=False)
+                             options=options, show_progress=False)
     assert (summary.n_examples, summary.n_records, summary.n_in_db) == (13, 13, 13)
     assert summary.share_no_correct_layer == pytest.approx(np.mean(~correct.any(1)))
     assert summary.full_model_accuracy == pytest.approx(np.mean(correct[:, -1]))
-    meta = exit_db_meta(backbone, encoder, SST2)
-    assert summary.collection == variant_collection(meta)
+    meta = setup_meta(backbone, encoder, SST2)
+    assert summary.collection == collection_name(meta) and summary.variant == "full training split"
     with ExitDB(str(tmp_path / "exit.db"), collection=summary.collection, meta=meta) as db:
         stored = db.get(record_ids("sst2", "train", np.arange(13)))
+        calibration = db.calibration
     np.testing.assert_allclose(stored.exit_probs, expected, atol=1e-5)
+    np.testing.assert_allclose(stored.layer_probs, probs, atol=1e-6)  # raw: one build serves every policy
     np.testing.assert_array_equal(stored.labels, data.labels)
     assert stored.texts == data.texts
+    # The calibration is fitted on the first calibration_examples of the build's seeded order, train split only.
+    sample = build_rows(data, BuildVariant())[:6]
+    np.testing.assert_allclose(calibration.bias, fit_calibration(probs[sample]).bias, atol=1e-6)
+    assert calibration.n_examples == 6
 
 
 def test_rebuild_is_idempotent_and_only_correct_keeps_full_model_hits(tiny_llama_reused, state_encoder_reused,
                                                                      tmp_path):
     backbone, encoder, data = tiny_llama_reused, state_encoder_reused, pair_dataset(20)
     uri = str(tmp_path / "exit.db")
-    first = build_database(backbone, encoder, SST2, db_uri=uri, dataset=data, batch_size=8, show_progress=False)
-    again = build_database(backbone, encoder, SST2, db_uri=uri, dataset=data, batch_size=8, show_progress=False)
+    options = BuildOptions(batch_size=8)
+    first = build_database(backbone, encoder, SST2, db_uri=uri, dataset=data, options=options, show_progress=False)
+    again = build_database(backbone, encoder, SST2, db_uri=uri, dataset=data, options=options, show_progress=False)
     assert first.n_in_db == again.n_in_db == 20 and again.collection == first.collection
 
-    only = build_database(backbone, encoder, SST2, db_uri=uri, dataset=data, batch_size=8, only_correct=True,
-                          show_progress=False)
+    only = build_database(backbone, encoder, SST2, db_uri=uri, dataset=data,
+                          options=BuildOptions(batch_size=8, only_correct=True), show_progress=False)
     last_right = np.flatnonzero(backbone.layer_probs(list(data.texts), SST2)[:, -1].argmax(1) == data.labels)
     assert 0 < len(last_right) < 20, "the seeded labels should leave both kinds of example"
-    assert only.collection == first.collection + "_only_correct"
+    assert only.collection != first.collection and only.variant == "full training split, only-correct"
     assert only.n_examples == 20 and only.n_records == only.n_in_db == len(last_right)
     assert only.share_no_correct_layer == first.share_no_correct_layer  # counted over processed examples
-    with ExitDB(uri, collection=only.collection, meta=exit_db_meta(backbone, encoder, SST2)) as db:
+    with ExitDB(uri, collection=only.collection, meta=setup_meta(backbone, encoder, SST2)) as db:
+        assert db.variant.only_correct
         everything = db.get(record_ids("sst2", "train", np.arange(20)))
         assert db.count() == len(last_right)
     np.testing.assert_array_equal(everything.ids, record_ids("sst2", "train", last_right))
@@ -107,13 +119,16 @@ def test_fraction_is_a_seeded_deterministic_subset(tiny_llama_reused, state_enco
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="fraction"):
             subset_indices(10, bad)
+        with pytest.raises(ValueError, match="fraction"):
+            BuildOptions(fraction=bad)
 
     backbone, encoder, data = tiny_llama_reused, state_encoder_reused, pair_dataset(20)
     uri = str(tmp_path / "exit.db")
-    summary = build_database(backbone, encoder, SST2, db_uri=uri, dataset=data, fraction=0.25, seed=3,
-                             show_progress=False)
-    assert summary.collection.endswith("_frac0p25_seed3") and summary.n_in_db == 5
-    with ExitDB(uri, collection=summary.collection, meta=exit_db_meta(backbone, encoder, SST2)) as db:
+    summary = build_database(backbone, encoder, SST2, db_uri=uri, dataset=data,
+                             options=BuildOptions(fraction=0.25, seed=3), show_progress=False)
+    assert summary.variant == "fraction 0.25 (seed 3)" and summary.n_in_db == 5
+    with ExitDB(uri, collection=summary.collection, meta=setup_meta(backbone, encoder, SST2)) as db:
+        assert db.variant == BuildVariant(0.25, 3)
         stored = db.get(record_ids("sst2", "train", np.arange(20)))
     picked = subset_indices(20, 0.25, seed=3)
     np.testing.assert_array_equal(stored.ids, record_ids("sst2", "train", picked))  # ids keep original indices

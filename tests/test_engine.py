@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
 import pytest
 
-from collectors.build import build_database, exit_db_meta
-from inference_workers.engine import BatchEngine, Request
-from milvus.exit_db import ExitDB, ExitDBMeta
+from collectors.build import BuildOptions, build_database
+from inference_workers.engine import BatchEngine, EngineSetupError, Request, ServedTask
+from milvus.exit_db import ExitDB, ExitDBMeta, setup_meta
 from raee.backbones import Backbone
-from raee.exit_policy import ExitPolicy
+from raee.exit_policy import ExitPolicy, all_policies
 from raee.keys import BackboneStateEncoder
 from raee.tasks import Dataset, get_task
 from tests.fixtures_models import SENTENCES, tiny_model
@@ -32,12 +33,18 @@ def setup_reused(tmp_path_factory):
     dbs = {}
     for task in (SST2, TREC):
         data = Dataset(task, "train", TRAIN_TEXTS, rng.integers(0, task.n_classes, size=len(TRAIN_TEXTS)))
-        summary = build_database(backbone, encoder, task, db_uri=uri, dataset=data, batch_size=16,
-                                 show_progress=False)
-        dbs[task.name] = ExitDB(uri, collection=summary.collection, meta=exit_db_meta(backbone, encoder, task))
+        summary = build_database(backbone, encoder, task, db_uri=uri, dataset=data,
+                                 options=BuildOptions(batch_size=16, calibration_examples=30), show_progress=False)
+        dbs[task.name] = ExitDB(uri, collection=summary.collection, meta=setup_meta(backbone, encoder, task))
     yield backbone, encoder, dbs
     for db in dbs.values():
         db.close()
+
+
+def engine_for(backbone, encoder, dbs, policy, tasks=("sst2", "trec")) -> BatchEngine:
+    """An engine serving the given tasks with one policy (named "policy")."""
+    served = {name: ServedTask({"sst2": SST2, "trec": TREC}[name], dbs[name]) for name in tasks}
+    return BatchEngine(backbone, encoder, served, {"policy": policy}, "policy")
 
 
 def count_searches(monkeypatch, db: ExitDB) -> list[int]:
@@ -56,7 +63,7 @@ def count_searches(monkeypatch, db: ExitDB) -> list[int]:
 def test_predictions_equal_backbone_at_the_chosen_exits(setup_reused, monkeypatch):
     backbone, encoder, dbs = setup_reused
     policy = ExitPolicy(tau=0.6, k=5)
-    engine = BatchEngine(backbone, encoder, dbs, policy)
+    engine = engine_for(backbone, encoder, dbs, policy)
     calls = count_searches(monkeypatch, dbs["sst2"])
     responses = engine.classify(QUERIES, "sst2")
     assert calls == [len(QUERIES)]  # ONE search for the whole batch
@@ -75,12 +82,12 @@ def test_predictions_equal_backbone_at_the_chosen_exits(setup_reused, monkeypatc
 
 def test_order_is_kept_across_tasks_with_one_search_per_task(setup_reused, monkeypatch):
     backbone, encoder, dbs = setup_reused
-    engine = BatchEngine(backbone, encoder, lambda task: dbs[task.name], ExitPolicy(tau=0.6, k=5))
+    engine = engine_for(backbone, encoder, dbs, ExitPolicy(tau=0.6, k=5))
     alone = {task: engine.classify(QUERIES, task) for task in ("sst2", "trec")}
     calls = {name: count_searches(monkeypatch, db) for name, db in dbs.items()}
     order = np.random.default_rng(1).permutation(2 * len(QUERIES))
     pairs = [(task, i) for task in ("sst2", "trec") for i in range(len(QUERIES))]
-    requests = [Request(QUERIES[pairs[j][1]], "TREC" if pairs[j][0] == "trec" else "SST-2") for j in order]
+    requests = [Request(QUERIES[pairs[j][1]], pairs[j][0]) for j in order]
     responses, times = engine.run_timed(requests)
     assert len(responses) == len(requests)
     for j, response in zip(order, responses, strict=True):
@@ -96,7 +103,7 @@ def test_order_is_kept_across_tasks_with_one_search_per_task(setup_reused, monke
 
 def test_explain_returns_k_neighbours_with_texts(setup_reused):
     backbone, encoder, dbs = setup_reused
-    engine = BatchEngine(backbone, encoder, dbs, ExitPolicy(k=4))
+    engine = engine_for(backbone, encoder, dbs, ExitPolicy(k=4))
     responses = engine.run([Request(QUERIES[0], "sst2", explain=True), Request(QUERIES[1], "sst2")])
     first, second = responses
     assert second.neighbours is None and len(first.neighbours) == 4
@@ -113,7 +120,7 @@ def test_explain_returns_k_neighbours_with_texts(setup_reused):
 
 def test_responses_say_when_a_text_was_truncated(setup_reused):
     backbone, encoder, dbs = setup_reused
-    engine = BatchEngine(backbone, encoder, dbs, ExitPolicy(tau=0.6, k=5))
+    engine = engine_for(backbone, encoder, dbs, ExitPolicy(tau=0.6, k=5))
     long_text = " ".join(["great"] * 200)  # > 64 tokens, the tiny tokenizer's context
     answers = engine.classify([QUERIES[0], long_text, QUERIES[1]], SST2)
     assert [a.truncated for a in answers] == [False, True, False]
@@ -121,55 +128,52 @@ def test_responses_say_when_a_text_was_truncated(setup_reused):
 
 def test_bad_input_and_mismatched_database_are_clear_errors(setup_reused, tmp_path):
     backbone, encoder, dbs = setup_reused
-    engine = BatchEngine(backbone, encoder, dbs, ExitPolicy())
+    engine = engine_for(backbone, encoder, dbs, ExitPolicy())
     with pytest.raises(ValueError, match="text 2 is empty"):
         engine.classify(["fine", "also fine", "  "], "sst2")
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(ValueError, match="request 0: task 'nope' is not served here; served: sst2, trec"):
         engine.run([Request("fine", "nope")])
+    with pytest.raises(ValueError, match="request 1: unknown exit policy 'fast'"):
+        engine.run([Request("fine", "sst2"), Request("fine", "sst2", policy="fast")])
+    with pytest.raises(ValueError, match="takes no text_pair"):
+        engine.run([Request("fine", "sst2", text_pair="more")])
     other = BackboneStateEncoder(backbone, layer_idx=1)  # same dim, different keys
-    with pytest.raises(ValueError, match=r"built for another setup.*encoder"):
-        BatchEngine(backbone, other, dbs, ExitPolicy()).classify(["fine"], "sst2")
-    meta = ExitDBMeta(**{**exit_db_meta(backbone, encoder, SST2).__dict__, "task": "trec"})
+    with pytest.raises(EngineSetupError, match=r"built for another setup.*encoder"):
+        engine_for(backbone, other, dbs, ExitPolicy())
+    meta = ExitDBMeta(**{**setup_meta(backbone, encoder, SST2).__dict__, "task": "trec"})
     with ExitDB(str(tmp_path / "other.db"), collection="wrong_task", meta=meta) as wrong:
-        with pytest.raises(ValueError, match="task: database 'trec' != engine 'sst2'"):
-            BatchEngine(backbone, encoder, {"sst2": wrong}, ExitPolicy()).classify(["fine"], "sst2")
+        with pytest.raises(EngineSetupError, match="task: stored 'trec' != given 'sst2'"):
+            engine_for(backbone, encoder, {"sst2": wrong}, ExitPolicy(), tasks=("sst2",))
+    edited = dataclasses.replace(SST2, words=("bad", "good"))  # a spec edited after the build
+    with pytest.raises(EngineSetupError, match=r"task_digest.*the task spec changed since the build"):
+        BatchEngine(backbone, encoder, {"sst2": ServedTask(edited, dbs["sst2"])}, {"p": ExitPolicy()}, "p")
 
 
-def test_fused_policy_on_a_calibrated_build(setup_reused, tmp_path):
-    """`build --policy fused` then the engine: calibrated exit sets, stored calibration, fused answers."""
-    from raee.calibration import fit_calibration
-    from raee.exit_policy import FusedPolicy
+def test_one_build_serves_every_policy_and_each_request_may_pick_one(setup_reused):
+    """raee reads the stored raw exit sets; raee-cal and fused the same records through the stored calibration."""
+    from raee.exit_policy import FusedPolicy, calibrated_view
 
-    backbone, encoder, _ = setup_reused
-    labels = np.random.default_rng(1).integers(0, 2, size=len(TRAIN_TEXTS))
-    data = Dataset(SST2, "train", TRAIN_TEXTS, labels)
-    uri = str(tmp_path / "cal.db")
-    summary = build_database(backbone, encoder, SST2, db_uri=uri, dataset=data, batch_size=16, calibrate=True,
-                             calibration_examples=20, show_progress=False)
-    meta = exit_db_meta(backbone, encoder, SST2, calibrated=True)
-    with ExitDB(uri, collection=summary.collection, meta=meta) as db:
-        cal = db.calibration
-        assert cal.n_examples == 20  # fitted on the first 20 of a seeded shuffle of the training examples
-        order = np.random.default_rng(0).permutation(len(TRAIN_TEXTS))[:20]
-        raw = backbone.layer_probs([TRAIN_TEXTS[i] for i in order], SST2)
-        np.testing.assert_allclose(cal.bias, fit_calibration(raw).bias, atol=1e-6)
-        stored = db.get(np.sort(db.search(encoder.encode(TRAIN_TEXTS[:1]), k=1).ids[0]))
-        np.testing.assert_allclose(stored.layer_probs[0], cal.apply(backbone.layer_probs(TRAIN_TEXTS[:1], SST2))[0],
-                                   atol=1e-5)  # stored distributions are the calibrated ones
-
-        policy = FusedPolicy(k=5, beta=1.0, slack=0.1)
-        responses = BatchEngine(backbone, encoder, {"sst2": db}, policy).classify(QUERIES, "sst2")
-        found = db.search(encoder.encode(QUERIES), k=5)  # independent reference, from recorded layers
-        exits = policy.exit_layers(found)
-        all_layers = backbone.layer_probs(QUERIES, SST2)[np.arange(len(QUERIES)), exits]
-        expected = policy.final_probs(cal.apply_at(all_layers, exits), found)
-        assert [r.exit_layer for r in responses] == exits.tolist()
+    backbone, encoder, dbs = setup_reused
+    db = dbs["sst2"]
+    cal = db.calibration
+    assert cal is not None and cal.n_examples == 30
+    policies = all_policies(k=5, tau=0.6, slack=0.1)
+    engine = BatchEngine(backbone, encoder, {"sst2": ServedTask(SST2, db)}, policies, "fused")
+    found = db.search(encoder.encode(QUERIES), k=5)  # independent reference, from recorded layers
+    all_layers = backbone.layer_probs(QUERIES, SST2)
+    for name, policy in policies.items():
+        view = calibrated_view(found, cal) if policy.calibrated else found
+        exits = policy.exit_layers(view)
+        at_exit = all_layers[np.arange(len(QUERIES)), exits]
+        expected = policy.final_probs(cal.apply_at(at_exit, exits) if policy.calibrated else at_exit, view)
+        responses = engine.classify(QUERIES, "sst2", policy=name)
+        assert [r.exit_layer for r in responses] == exits.tolist(), name
+        assert {r.policy for r in responses} == {name}
         np.testing.assert_allclose([r.probs for r in responses], expected, atol=1e-5)
-
-        # the paper's policy on a calibrated database (and the reverse) is refused, not silently mixed
-        with pytest.raises(ValueError, match="needs an uncalibrated database"):
-            BatchEngine(backbone, encoder, {"sst2": db}, ExitPolicy()).classify(["fine"], "sst2")
-
-    with pytest.raises(ValueError, match="training split only"):
-        build_database(backbone, encoder, SST2, db_uri=uri, dataset=Dataset(SST2, "test", TRAIN_TEXTS, labels),
-                       calibrate=True, show_progress=False)
+    assert isinstance(policies["fused"], FusedPolicy)
+    assert [r.policy for r in engine.classify(QUERIES[:1], "sst2")] == ["fused"]  # the default
+    mixed = engine.run([Request(QUERIES[0], "sst2", policy="raee"), Request(QUERIES[0], "sst2"),
+                        Request(QUERIES[0], "sst2", policy="full")])
+    assert [r.policy for r in mixed] == ["raee", "fused", "full"]
+    assert mixed[2].exit_layer == backbone.n_layers
+    np.testing.assert_allclose(mixed[2].probs, all_layers[0, -1], atol=1e-5)  # the full model's own answer

@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from milvus.exit_db import ExitDB, ExitDBError, ExitDBMeta, MetadataMismatchError, collection_name
+from milvus.exit_db import (
+    BuildVariant,
+    ExitDB,
+    ExitDBError,
+    ExitDBMeta,
+    MetadataMismatchError,
+    collection_name,
+    list_exit_dbs,
+)
 from milvus.index import IndexConfig
 from raee.records import ExitRecords, record_ids
 from tests.figures import report
@@ -124,10 +132,10 @@ def test_get_round_trips_records(exit_db: ExitDB) -> None:
 
 def test_layer_distributions_round_trip_in_search_and_get(exit_db: ExitDB) -> None:
     records = make_exit_records(np.arange(6))
-    dists = np.random.default_rng(0).dirichlet(np.ones(3), size=(6, TEST_META.n_layers + 1)).astype(np.float32)
+    dists = np.random.default_rng(0).dirichlet(np.ones(2), size=(6, TEST_META.n_layers + 1)).astype(np.float32)
     exit_db.upsert(dataclasses.replace(records, layer_probs=dists))
     found = exit_db.search(records.vectors[:2], k=8)  # 6 hits and 2 padding slots per query
-    assert found.layer_probs.shape == (2, 8, TEST_META.n_layers + 1, 3)
+    assert found.layer_probs.shape == (2, 8, TEST_META.n_layers + 1, 2)
     np.testing.assert_allclose(found.layer_probs[0, 0], dists[found.ids[0, 0]], atol=1e-6)
     assert (found.layer_probs[~found.valid] == 0).all()
     np.testing.assert_allclose(exit_db.get(np.array([4, 1])).layer_probs, dists[[4, 1]], atol=1e-6)
@@ -135,25 +143,32 @@ def test_layer_distributions_round_trip_in_search_and_get(exit_db: ExitDB) -> No
         exit_db.upsert(dataclasses.replace(records, layer_probs=dists[:, :2]))
 
 
-def test_a_calibrated_collection_keeps_its_calibration(exit_db_uri: str, exit_db_collection: str,
-                                                       exit_db_token: str | None) -> None:
+def test_a_collection_keeps_its_calibration_and_build_variant(exit_db_uri: str, exit_db_collection: str,
+                                                              exit_db_token: str | None) -> None:
     from raee.calibration import fit_calibration
 
-    meta = dataclasses.replace(TEST_META, calibrated=True)
-    assert collection_name(meta) != collection_name(TEST_META)
-    assert "calibrated" not in TEST_META.to_json()  # raw collections keep their schema-1 names
     cal = fit_calibration(np.random.default_rng(1).dirichlet(np.ones(2), size=(5, TEST_META.n_layers + 1)))
+    variant = BuildVariant(fraction=0.25, seed=3, only_correct=True)
+    assert collection_name(TEST_META, variant) != collection_name(TEST_META)
     name = exit_db_collection + "_cal"
-    with pytest.raises(ValueError, match="needs its Calibration"):
-        ExitDB(exit_db_uri, collection=name, meta=meta, token=exit_db_token)
-    with ExitDB(exit_db_uri, collection=name, meta=meta, token=exit_db_token, calibration=cal):
+    with pytest.raises(ValueError, match=r"calibration is \(4, 3\)"):
+        ExitDB(exit_db_uri, collection=name, meta=TEST_META, token=exit_db_token,
+               calibration=fit_calibration(np.full((2, 4, 3), 1 / 3)))
+    with ExitDB(exit_db_uri, collection=name, meta=TEST_META, variant=variant, token=exit_db_token, calibration=cal):
         pass
-    with ExitDB(exit_db_uri, collection=name, meta=meta, token=exit_db_token) as again:
+    with ExitDB(exit_db_uri, collection=name, meta=None, create=False, token=exit_db_token) as again:
         try:
             np.testing.assert_allclose(again.calibration.bias, cal.bias)
             assert again.calibration.n_examples == 5
+            assert again.variant == variant and again.meta == TEST_META  # adopted as stored
+            with pytest.raises(ExitDBError, match="holds the build 'fraction 0.25 \\(seed 3\\), only-correct'"):
+                ExitDB(exit_db_uri, collection=name, meta=TEST_META, variant=BuildVariant(), token=exit_db_token)
+            listed = {b.collection: b for b in list_exit_dbs(exit_db_uri, token=exit_db_token)}
+            assert listed[name].variant == variant and listed[name].calibrated and listed[name].meta == TEST_META
         finally:
             again.drop()
+    with pytest.raises(ExitDBError, match="no such collection"):
+        ExitDB(exit_db_uri, collection=name, meta=TEST_META, create=False, token=exit_db_token)
 
 
 def test_metadata_mismatch_names_both_values(exit_db: ExitDB, exit_db_uri: str,
@@ -250,9 +265,12 @@ def test_unbuilt_index_kinds_are_refused() -> None:
 def test_meta_validation_and_collection_name() -> None:
     with pytest.raises(ValueError, match="metric must be one of"):
         dataclasses.replace(TEST_META, metric="HAMMING")
-    name = collection_name(dataclasses.replace(TEST_META, task="sst-2"))
-    assert name.startswith("raee_sst_2_") and name == collection_name(TEST_META)
-    assert collection_name(dataclasses.replace(TEST_META, template_hash="t1")) != name
+    assert collection_name(dataclasses.replace(TEST_META, task="sst-2")).startswith("raee_sst_2_")
+    name = collection_name(TEST_META)
+    assert name == collection_name(dataclasses.replace(TEST_META))  # stable
+    assert collection_name(dataclasses.replace(TEST_META, task_digest="t1")) != name
+    with pytest.raises(ValueError, match=r"fraction must lie in \(0, 1\]"):
+        BuildVariant(fraction=0.0)
 
 
 # ---- processes: Lite ownership, kill -9, several writers on a server ------------------------------------

@@ -1,4 +1,4 @@
-"""Tasks as data: the 8 built-in specs against the LM-BFF files, spec parsing, the four file formats, errors, metrics."""
+"""Tasks as data: the 8 built-in specs against the LM-BFF files, spec parsing, the four formats, errors, metrics."""
 
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def test_task_names_are_forgiving_and_unknown_ones_list_the_choices(tmp_path):
     assert get_task("SST-2") is get_task("sst2") is get_task(" Sst2 ")
     with pytest.raises(TaskError, match=r"unknown task 'imdb'.*sst2, sst5.*spec file"):
         get_task("imdb")
-    with pytest.raises(TaskError, match="spec .*nope.toml not found"):
+    with pytest.raises(TaskError, match=r"spec .*nope\.toml not found"):
         get_task(str(tmp_path / "nope.toml"))
     assert [t.name for t in parse_tasks("all")] == list(BUILTIN_TASKS)
     assert [t.name for t in parse_tasks("cola,trec")] == ["cola", "trec"]
@@ -202,7 +202,7 @@ def test_bad_specs_are_clear_errors(tmp_path, edit, message):
 
 
 def test_data_errors_name_the_file_the_row_and_what_exists(tmp_path):
-    write_reviews(tmp_path, "csv", REVIEWS + [("meh", "at home", "2")])
+    write_reviews(tmp_path, "csv", [*REVIEWS, ("meh", "at home", "2")])
     task = get_task(str(tmp_path / "reviews.toml"))
     with pytest.raises(TaskError, match=r"train.csv, row 6: label '2' is not one of the task's labels "
                                         r"\['1', '3', '5'\]"):
