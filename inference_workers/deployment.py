@@ -180,6 +180,15 @@ def _prediction(response: Response, explain: bool) -> PredictionOut:
                          truncated=response.truncated)
 
 
+def _served_name(asked: str, served: Sequence[str]) -> str | None:
+    """The served task `asked` names, forgiving case and dashes ("SST-2" is sst2). Before RaeeServer, as above."""
+    def key(name: str) -> str:
+        return name.strip().lower().replace("-", "").replace("_", "")
+
+    return next((name for name in served if name == asked), None) or next(
+        (name for name in served if key(name) == key(asked)), None)
+
+
 def _rss_bytes() -> int:
     """Resident set size of this process (Linux /proc; 0 where it is unavailable). Before RaeeServer, as above."""
     try:
@@ -234,7 +243,12 @@ class RaeeServer:
         try:
             for task in config.tasks:
                 collection = config.collections[task.name]
-                db = ExitDB(config.db_uri, collection=collection, meta=None, create=False, token=config.token)
+                try:
+                    db = ExitDB(config.db_uri, collection=collection, meta=None, create=False, token=config.token)
+                except ExitDBError as exc:  # reported by setup_errors(), as below
+                    self.errors.append(f"no exit database for task {task.name} in {config.db_uri} ({exc}); build "
+                                       f"it first: raee build --task {task.name}")
+                    continue
                 self.dbs[task.name] = db
                 if db.count() == 0:  # reported by setup_errors(): a failing __init__ only says "deploy failed"
                     self.errors.append(f"the exit database {collection!r} of task {task.name} in {config.db_uri} "
@@ -283,7 +297,7 @@ class RaeeServer:
         except ExitDBError as exc:  # Milvus down or restarting: a retryable 503 naming it, not a 500
             raise HTTPException(503, f"exit database {self.config.db_uri} is unavailable, retry later: {exc}",
                                 headers={"Retry-After": "5"}) from exc
-        return ClassifyResponse(task=body.task, predictions=[_prediction(a, body.explain) for a in answers])
+        return ClassifyResponse(task=items[0].task, predictions=[_prediction(a, body.explain) for a in answers])
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _classify_batch(self, items: list[Request]) -> list[Response]:
@@ -319,10 +333,11 @@ class RaeeServer:
             except UnicodeEncodeError as exc:  # JSON allows "\ud800"; the tokenizer and the response do not
                 raise HTTPException(422, f"{field_name} is not valid Unicode: a lone surrogate at character "
                                          f"{exc.start}") from exc
-        entry = self.engine.served.get(body.task)
-        if entry is None:
+        name = _served_name(body.task, self.engine.served)
+        if name is None:
             raise HTTPException(404, f"task {body.task!r} is not served here; this server serves: "
                                      f"{', '.join(self.engine.served)}")
+        entry = self.engine.served[name]
         if body.policy is not None and body.policy not in POLICY_NAMES:
             raise HTTPException(422, f"unknown policy {body.policy!r}; use one of {', '.join(POLICY_NAMES)} "
                                      "or null for the server's default")
@@ -336,16 +351,16 @@ class RaeeServer:
             need = (f"task {body.task!r} classifies pairs: send text_pairs, one per text" if entry.task.has_pairs
                     else f"task {body.task!r} takes no text_pairs")
             raise HTTPException(422, need)
-        for name, values in (("texts", body.texts), ("text_pairs", pairs)):
+        for field_name, values in (("texts", body.texts), ("text_pairs", pairs)):
             try:
                 check_texts(values)
             except ValueError as exc:
-                raise HTTPException(422, f"{name}: {exc}") from exc
+                raise HTTPException(422, f"{field_name}: {exc}") from exc
             for i, text in enumerate(values):
                 if len(text) > limits.max_text_chars:
-                    raise HTTPException(413, f"{name} {i} has {len(text)} characters, more than the limit of "
-                                             f"{limits.max_text_chars} (raee serve --max-text-chars)")
-        return [Request(text, body.task, body.explain, pairs[i] if pairs else None, body.policy)
+                    raise HTTPException(413, f"{field_name[:-1]} {i} has {len(text)} characters, more than the "
+                                             f"limit of {limits.max_text_chars} (raee serve --max-text-chars)")
+        return [Request(text, name, body.explain, pairs[i] if pairs else None, body.policy)
                 for i, text in enumerate(body.texts)]
 
     def _close(self) -> None:

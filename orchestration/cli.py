@@ -25,7 +25,7 @@ import typer
 
 from raee import __version__
 from raee.exit_policy import DEFAULT_POLICY, POLICIES
-from raee.models import DEFAULT_BACKBONE, DEFAULT_ENCODER, default_cache_dir
+from raee.settings import DEFAULT_BACKBONE, DEFAULT_ENCODER, default_cache_dir
 from raee.tasks import BUILTIN_TASKS, DATA_DIR_ENV, parse_tasks
 
 app = typer.Typer(

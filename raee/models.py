@@ -21,12 +21,12 @@ import torch
 import transformers
 
 from raee.backbones import _ENCODER_TYPES, Backbone
+from raee.settings import CACHE_DIR_ENV, DEFAULT_BACKBONE, DEFAULT_ENCODER, default_cache_dir
+
+__all__ = ["CACHE_DIR_ENV", "DEFAULT_BACKBONE", "DEFAULT_ENCODER", "default_cache_dir", "load_backbone", "resolve"]
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR_ENV = "RAEE_CACHE_DIR"
-DEFAULT_BACKBONE = "gemma-3-270m"
-DEFAULT_ENCODER = "all-minilm-l6-v2"
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -56,12 +56,6 @@ REGISTRY: dict[str, PackagedModel] = {
                       "sentence-transformers/all-MiniLM-L6-v2", folder="model"),
     ]
 }
-
-
-def default_cache_dir() -> Path:
-    """$RAEE_CACHE_DIR, else the user's cache folder (~/.cache/raee)."""
-    root = os.environ.get(CACHE_DIR_ENV) or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "raee"
-    return Path(root).expanduser()
 
 
 def _package_dir(package: str) -> Path | None:

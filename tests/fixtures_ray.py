@@ -32,6 +32,17 @@ def tiny_llama_models():
     return backbone, BackboneStateEncoder(backbone, layer_idx=2)
 
 
+def serve_config(uri: str, builds: dict, **kwargs):
+    """A ServeConfig over {Task: collection name} on uri (what `raee serve` resolves with choose_build)."""
+    from inference_workers.deployment import ServeConfig
+
+    return ServeConfig(tasks=tuple(builds), collections={task.name: name for task, name in builds.items()},
+                       db_uri=uri, **kwargs)
+
+
+RAEE_KNOBS = {"k": 5, "tau": 0.6}  # the paper's policy with the tiny tests' neighbourhoods
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:

@@ -20,7 +20,7 @@ def test_every_entry_point_defaults_to_loopback():
 
     assert deployment.DEFAULT_HOST == "127.0.0.1"
     assert inspect.signature(deployment.start_http).parameters["host"].default == "127.0.0.1"
-    assert inspect.signature(distributed.serve).parameters["host"].default == "127.0.0.1"
+    assert distributed.ServeOptions().host == "127.0.0.1"
     assert inspect.signature(cli.serve).parameters["host"].default == "127.0.0.1"  # `raee serve` without --host
 
 

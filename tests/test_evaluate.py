@@ -22,7 +22,7 @@ def tiny_setup(tiny_llama_backbone):
 
 def test_every_method_is_scored_and_the_engine_matches_the_recorded_layers(tiny_setup, tmp_path, data_dir):
     backbone, encoder = tiny_setup
-    config = EvalConfig(db_uri=str(tmp_path / "eval.db"), limit_train=48, limit_test=24, latency_examples=4,
+    config = EvalConfig(db_uri=str(tmp_path / "eval.db"), limit_train=64, limit_test=24, latency_examples=4,
                         latency_repeats=1, k_sweep=(1, 4), fraction_sweep=(0.5,), tune_examples=16,
                         fused_betas=(0.5, 2.0), fused_slacks=(0.0, 0.2), cache_dir=str(tmp_path / "cache"))
     result = evaluate_task(SST2, backbone, encoder, config, data_dir=str(data_dir), quiet=True,
@@ -63,25 +63,35 @@ def test_every_method_is_scored_and_the_engine_matches_the_recorded_layers(tiny_
 def test_calibration_and_tuning_use_the_training_split_only(tiny_setup, tmp_path, data_dir):
     """The stored calibration is the mean over the database's training examples; tuning and database are disjoint
     training examples; no test example is among either."""
-    from collectors.build import exit_db_meta, variant_collection
-    from milvus.exit_db import ExitDB
+    from milvus.exit_db import ExitDB, collection_name, setup_meta
     from orchestration.evaluate import split_train
     from raee.calibration import fit_calibration
     from raee.tasks import load_split
 
     backbone, encoder = tiny_setup
-    config = EvalConfig(db_uri=str(tmp_path / "eval.db"), limit_train=40, limit_test=12, latency_examples=2,
+    config = EvalConfig(db_uri=str(tmp_path / "eval.db"), limit_train=56, limit_test=12, latency_examples=2,
                         latency_repeats=1, latency_batch_sizes=(1,), tune_examples=16, fused_betas=(1.0,),
                         fused_slacks=(0.0,), curve_slacks=(0.0,), engine_check_examples=4)
     evaluate_task(SST2, backbone, encoder, config, data_dir=str(data_dir), quiet=True)
-    train, tune = split_train(load_split(SST2, "train", data_dir), 40, 16, 0)
+    train, tune = split_train(load_split(SST2, "train", data_dir), 56, 16, 0)  # --limit-train caps both
     test = load_split(SST2, "test", data_dir).sample(12, 0)
     assert not set(train.example_idx) & set(tune.example_idx) and len(train) == 40 and len(tune) == 16
     assert not set(train.texts) & set(test.texts)
-    meta = exit_db_meta(backbone, encoder, SST2, calibrated=True)
-    with ExitDB(config.db_uri, collection=variant_collection(meta) + "_n40_tune16_seed0", meta=meta) as db:
+    meta = setup_meta(backbone, encoder, SST2)
+    with ExitDB(config.db_uri, collection=collection_name(meta) + "_n40_tune16_seed0", meta=meta) as db:
         stored = db.calibration
     assert stored.n_examples == 40
     np.testing.assert_allclose(stored.bias, fit_calibration(backbone.layer_probs(train.texts, SST2)).bias, atol=1e-6)
     for other in (tune, test):  # the calibration from any other examples would differ
         assert not np.allclose(stored.bias, fit_calibration(backbone.layer_probs(other.texts, SST2)).bias, atol=1e-6)
+
+
+def test_limit_train_caps_everything_taken_from_the_training_split(data_dir):
+    from orchestration.evaluate import split_train, tune_size
+    from raee.tasks import load_split
+
+    assert tune_size(None, 500) == 500 and tune_size(1500, 500) == 500 and tune_size(300, 500) == 100
+    train, tune = split_train(load_split(SST2, "train", data_dir), 300, tune_size(300, 500), 0)
+    assert len(train) + len(tune) == 300
+    with pytest.raises(ValueError, match="leaves no database examples"):
+        split_train(load_split(SST2, "train", data_dir), 10, 10, 0)

@@ -161,7 +161,7 @@ def test_a_collection_keeps_its_calibration_and_build_variant(exit_db_uri: str, 
             np.testing.assert_allclose(again.calibration.bias, cal.bias)
             assert again.calibration.n_examples == 5
             assert again.variant == variant and again.meta == TEST_META  # adopted as stored
-            with pytest.raises(ExitDBError, match="holds the build 'fraction 0.25 \\(seed 3\\), only-correct'"):
+            with pytest.raises(ExitDBError, match=r"holds the build 'fraction 0.25 \(seed 3\), only-correct'"):
                 ExitDB(exit_db_uri, collection=name, meta=TEST_META, variant=BuildVariant(), token=exit_db_token)
             listed = {b.collection: b for b in list_exit_dbs(exit_db_uri, token=exit_db_token)}
             assert listed[name].variant == variant and listed[name].calibrated and listed[name].meta == TEST_META

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from benchmarks.load import Outcome, rotating_body, run_load, summarize
-from collectors.build import build_database
+from collectors.build import BuildOptions, build_database
 from inference_workers.deployment import Limits, ServeConfig, build_app, delete_app, run_app
 from milvus.server import EmbeddedMilvusServer, MilvusServerUnavailable
 from raee.spec import ModelSpec
@@ -27,7 +27,7 @@ from raee.tasks import Dataset, get_task
 from tests.figures import report
 from tests.fixtures_milvus import EMBEDDED_ROOT_TOKEN
 from tests.fixtures_models import SENTENCES
-from tests.fixtures_ray import ACTOR_CPUS, tiny_llama_models
+from tests.fixtures_ray import ACTOR_CPUS, RAEE_KNOBS, serve_config, tiny_llama_models
 
 pytestmark = [pytest.mark.serve, pytest.mark.reliability]
 
@@ -39,11 +39,13 @@ TIMEOUT_S = 60
 RECOVERY_TIMEOUT_S = 90  # replica restart: new actor + tiny model + Lite reopen, on a busy 2-core machine
 
 
-def _build(uri: str, token: str | None = None) -> None:
+def _build(uri: str, token: str | None = None, **kwargs) -> ServeConfig:
+    """Build the sst2 exit database at uri; the ServeConfig that serves it with the paper's policy."""
     backbone, encoder = tiny_llama_models()
     labels = np.random.default_rng(0).integers(0, 2, size=len(TRAIN_TEXTS))
-    build_database(backbone, encoder, SST2, db_uri=uri, dataset=Dataset(SST2, "train", TRAIN_TEXTS, labels),
-                   token=token, batch_size=16, show_progress=False)
+    summary = build_database(backbone, encoder, SST2, db_uri=uri, dataset=Dataset(SST2, "train", TRAIN_TEXTS, labels),
+                             token=token, options=BuildOptions(batch_size=16), show_progress=False)
+    return serve_config(uri, {SST2: summary.collection}, token=token, policy="raee", knobs=RAEE_KNOBS, **kwargs)
 
 
 def _deploy(config: ServeConfig, name: str, route: str):
@@ -86,8 +88,7 @@ class BackgroundLoad:
 def fault_app(tmp_path: Path, serve_url_reused: str) -> Iterator[tuple[str, object]]:
     """(URL, handle) of a one-replica sst2 app on Lite under /fault; deleted afterwards."""
     uri = str(tmp_path / "exit.db")
-    _build(uri)
-    handle = _deploy(ServeConfig(tasks=("sst2",), db_uri=uri, k=5, tau=0.6), "raee-fault", "/fault")
+    handle = _deploy(_build(uri), "raee-fault", "/fault")
     try:
         yield serve_url_reused + "/fault", handle
     finally:
@@ -143,8 +144,7 @@ def test_milvus_restart_gives_clear_503_then_serving_resumes_without_redeploy(tm
         pytest.skip(f"real Milvus server unavailable: {exc}")
     restarted = None
     try:
-        _build(server.uri, EMBEDDED_ROOT_TOKEN)
-        config = ServeConfig(tasks=("sst2",), db_uri=server.uri, token=EMBEDDED_ROOT_TOKEN, k=5, tau=0.6)
+        config = _build(server.uri, EMBEDDED_ROOT_TOKEN)
         handle = _deploy(config, "raee-milvus-fault", "/mfault")
         url = serve_url_reused + "/mfault"
         try:

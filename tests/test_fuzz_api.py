@@ -21,12 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from collectors.build import build_database
-from inference_workers.deployment import Limits, ServeConfig, build_app, delete_app, run_app
+from inference_workers.deployment import Limits, build_app, delete_app, run_app
 from raee.spec import ModelSpec
 from raee.tasks import Dataset, get_task
 from tests.figures import report
 from tests.fixtures_models import SENTENCES
-from tests.fixtures_ray import ACTOR_CPUS, tiny_llama_models
+from tests.fixtures_ray import ACTOR_CPUS, serve_config, tiny_llama_models
 
 pytestmark = [pytest.mark.serve, pytest.mark.reliability]
 
@@ -45,9 +45,9 @@ def fuzz_url_reused(tmp_path_factory, serve_url_reused):
     uri = str(tmp_path_factory.mktemp("fuzz") / "exit.db")
     task = get_task("sst2")
     labels = np.random.default_rng(0).integers(0, 2, size=len(SENTENCES))
-    build_database(backbone, encoder, task, db_uri=uri, dataset=Dataset(task, "train", tuple(SENTENCES), labels),
-                   batch_size=8, show_progress=False)
-    config = ServeConfig(tasks=("sst2",), db_uri=uri, k=4, tau=0.6)
+    summary = build_database(backbone, encoder, task, db_uri=uri,
+                             dataset=Dataset(task, "train", tuple(SENTENCES), labels), show_progress=False)
+    config = serve_config(uri, {task: summary.collection}, policy="raee", knobs={"k": 4, "tau": 0.6})
     run_app(build_app(ModelSpec(factory=tiny_llama_models), config, cpus_per_replica=ACTOR_CPUS, limits=LIMITS),
             name=APP, route_prefix=ROUTE)
     yield serve_url_reused + ROUTE

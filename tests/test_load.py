@@ -11,13 +11,13 @@ import pytest
 import requests
 
 from benchmarks.load import rotating_body, run_load, summarize
-from collectors.build import build_database
-from inference_workers.deployment import Limits, ServeConfig, build_app, delete_app, run_app
+from collectors.build import BuildOptions, build_database
+from inference_workers.deployment import Limits, build_app, delete_app, run_app
 from raee.spec import ModelSpec
 from raee.tasks import Dataset, get_task
 from tests.figures import report
 from tests.fixtures_models import SENTENCES
-from tests.fixtures_ray import ACTOR_CPUS, tiny_llama_models
+from tests.fixtures_ray import ACTOR_CPUS, RAEE_KNOBS, serve_config, tiny_llama_models
 
 pytestmark = [pytest.mark.serve, pytest.mark.reliability]
 
@@ -36,11 +36,11 @@ def load_app_reused(tmp_path_factory, serve_url_reused):
     task = get_task("sst2")
     texts = tuple(f"{a} {b}" for a in SENTENCES for b in SENTENCES if a != b)
     labels = np.random.default_rng(0).integers(0, 2, size=len(texts))
-    build_database(backbone, encoder, task, db_uri=uri, dataset=Dataset(task, "train", texts, labels),
-                   batch_size=16, show_progress=False)
-    handle = run_app(build_app(ModelSpec(factory=tiny_llama_models), ServeConfig(tasks=("sst2",), db_uri=uri, k=5,
-                                                                                 tau=0.6),
-                               cpus_per_replica=ACTOR_CPUS, limits=LIMITS), name=APP, route_prefix=ROUTE)
+    summary = build_database(backbone, encoder, task, db_uri=uri, dataset=Dataset(task, "train", texts, labels),
+                             options=BuildOptions(batch_size=16), show_progress=False)
+    config = serve_config(uri, {task: summary.collection}, policy="raee", knobs=RAEE_KNOBS)
+    handle = run_app(build_app(ModelSpec(factory=tiny_llama_models), config, cpus_per_replica=ACTOR_CPUS,
+                               limits=LIMITS), name=APP, route_prefix=ROUTE)
     yield serve_url_reused + ROUTE, handle
     delete_app(APP)
 

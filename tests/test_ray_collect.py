@@ -10,9 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from collectors.build import build_database, exit_db_meta
+from collectors.build import BuildOptions, build_database
 from collectors.ray_collect import CollectionError, CollectorPool, ShardResult
-from milvus.exit_db import ExitDB
+from milvus.exit_db import ExitDB, setup_meta
+from orchestration.pipelines import RayOptions
 from raee.records import record_ids
 from raee.spec import ModelSpec
 from raee.tasks import Dataset, get_task
@@ -23,6 +24,7 @@ from tests.fixtures_ray import ACTOR_CPUS, tiny_llama_models
 SST2, TREC = get_task("sst2"), get_task("trec")
 TEXTS = tuple(f"{a} {b}" for a, b in itertools.permutations(SENTENCES, 2))[:40]
 BATCH, SHARD = 4, 8  # 5 shards per task
+OPTIONS = BuildOptions(batch_size=BATCH, calibration_examples=20)
 
 
 def datasets() -> dict[str, Dataset]:
@@ -52,10 +54,10 @@ def reference_reused(tmp_path_factory):
     stored, summaries = {}, {}
     for name, data in datasets().items():
         task = get_task(name)
-        summaries[name] = build_database(backbone, encoder, task, db_uri=uri, dataset=data, batch_size=BATCH,
+        summaries[name] = build_database(backbone, encoder, task, db_uri=uri, dataset=data, options=OPTIONS,
                                          show_progress=False)
-        with ExitDB(uri, collection=summaries[name].collection, meta=exit_db_meta(backbone, encoder, task)) as db:
-            stored[name] = db.get(record_ids(name, "train", np.arange(len(TEXTS))))
+        with ExitDB(uri, collection=summaries[name].collection, meta=setup_meta(backbone, encoder, task)) as db:
+            stored[name] = (db.get(record_ids(name, "train", np.arange(len(TEXTS)))), db.calibration)
     return stored, summaries
 
 
@@ -70,14 +72,16 @@ def pool_reused(ray_cluster_reused):
 def assert_same_records(uri: str, reference) -> None:
     stored_ref, summaries_ref = reference
     backbone, encoder = tiny_llama_models()
-    for name, want in stored_ref.items():
+    for name, (want, calibration) in stored_ref.items():
         task = get_task(name)
-        with ExitDB(uri, collection=summaries_ref[name].collection, meta=exit_db_meta(backbone, encoder, task)) as db:
+        with ExitDB(uri, collection=summaries_ref[name].collection, meta=setup_meta(backbone, encoder, task)) as db:
             got = db.get(record_ids(name, "train", np.arange(len(TEXTS))))
             assert db.count() == len(TEXTS)
+            np.testing.assert_allclose(db.calibration.bias, calibration.bias, atol=1e-6)  # same sample, same fit
         np.testing.assert_array_equal(got.ids, want.ids)
         np.testing.assert_allclose(got.vectors, want.vectors, atol=1e-5)
         np.testing.assert_allclose(got.exit_probs, want.exit_probs, atol=1e-5)
+        np.testing.assert_allclose(got.layer_probs, want.layer_probs, atol=1e-5)
         np.testing.assert_array_equal(got.labels, want.labels)
         assert got.texts == want.texts
 
@@ -93,7 +97,7 @@ def test_node_is_on_loopback(ray_cluster_reused):
 def test_two_actors_write_the_in_process_records_and_a_rerun_skips_every_shard(pool_reused, reference_reused,
                                                                                tmp_path):
     uri = str(tmp_path / "ray.db")
-    first = pool_reused.build(["sst2", "trec"], db_uri=uri, datasets=datasets(), shard_size=SHARD, batch_size=BATCH,
+    first = pool_reused.build([SST2, TREC], db_uri=uri, datasets=datasets(), shard_size=SHARD, options=OPTIONS,
                               show_progress=False)
     assert (first.n_actors, first.n_shards, first.n_shards_skipped) == (2, 10, 0)
     for summary, name in zip(first.summaries, ("sst2", "trec"), strict=True):
@@ -104,32 +108,12 @@ def test_two_actors_write_the_in_process_records_and_a_rerun_skips_every_shard(p
         assert summary.full_model_accuracy == pytest.approx(want.full_model_accuracy)
     assert_same_records(uri, reference_reused)
 
-    again = pool_reused.build(["sst2", "trec"], db_uri=uri, datasets=datasets(), shard_size=SHARD,
-                              batch_size=BATCH, show_progress=False)
+    again = pool_reused.build([SST2, TREC], db_uri=uri, datasets=datasets(), shard_size=SHARD,
+                              options=OPTIONS, show_progress=False)
     assert again.n_shards_skipped == again.n_shards == 10
     assert [s.n_in_db for s in again.summaries] == [len(TEXTS)] * 2
     assert [s.full_model_accuracy for s in again.summaries] == [s.full_model_accuracy for s in first.summaries]
     assert_same_records(uri, reference_reused)
-
-
-def test_a_calibrated_build_on_actors_equals_the_in_process_one(pool_reused, tmp_path):
-    """Same shuffled order, same calibration sample (fitted in the driver), same calibrated records."""
-    backbone, encoder = tiny_llama_models()
-    data = datasets()["sst2"]
-    task = get_task("sst2")
-    meta = exit_db_meta(backbone, encoder, task, calibrated=True)
-    want = build_database(backbone, encoder, task, db_uri=str(tmp_path / "ref.db"), dataset=data, batch_size=BATCH,
-                          calibrate=True, calibration_examples=20, show_progress=False)
-    got = pool_reused.build(["sst2"], db_uri=str(tmp_path / "ray.db"), datasets={"sst2": data}, shard_size=SHARD,
-                            batch_size=BATCH, calibrate=True, calibration_examples=20, show_progress=False)
-    assert got.summaries[0].collection == want.collection and got.summaries[0].n_in_db == len(TEXTS)
-    ids = record_ids("sst2", "train", np.arange(len(TEXTS)))
-    with ExitDB(str(tmp_path / "ref.db"), collection=want.collection, meta=meta) as ref, \
-         ExitDB(str(tmp_path / "ray.db"), collection=want.collection, meta=meta) as db:
-        np.testing.assert_allclose(db.calibration.bias, ref.calibration.bias, atol=1e-6)
-        a, b = ref.get(ids), db.get(ids)
-    np.testing.assert_allclose(b.exit_probs, a.exit_probs, atol=1e-5)
-    np.testing.assert_allclose(b.layer_probs, a.layer_probs, atol=1e-5)
 
 
 @pytest.mark.reliability
@@ -143,8 +127,8 @@ def test_killed_actor_is_restarted_and_nothing_is_lost_or_duplicated(pool_reused
             os.kill(result.pid, signal.SIGKILL)
         seen.append(result)
 
-    build = pool_reused.build(["sst2", "trec"], db_uri=uri, datasets=datasets(), shard_size=SHARD,
-                              batch_size=BATCH, show_progress=False, on_shard=kill_first_worker)
+    build = pool_reused.build([SST2, TREC], db_uri=uri, datasets=datasets(), shard_size=SHARD,
+                              options=OPTIONS, show_progress=False, on_shard=kill_first_worker)
     killed = seen[0].pid
     assert sorted(str(r.shard) for r in seen) == sorted({str(r.shard) for r in seen})  # each shard stored once
     assert len(seen) == build.n_shards == 10
@@ -171,17 +155,16 @@ def test_actors_write_directly_to_a_milvus_server(pool_reused, reference_reused,
         token = os.environ.get("RAEE_MILVUS_TOKEN")
     backbone, encoder = tiny_llama_models()
     for name in ("sst2", "trec"):  # the server outlives tests: start from empty collections
-        task = get_task(name)
         with ExitDB(milvus_server_uri, collection=reference_reused[1][name].collection,
-                    meta=exit_db_meta(backbone, encoder, task), token=token) as db:
+                    meta=setup_meta(backbone, encoder, get_task(name)), token=token) as db:
             db.drop()
-    build = pool_reused.build(["sst2", "trec"], db_uri=milvus_server_uri, token=token, datasets=datasets(),
-                              shard_size=SHARD, batch_size=BATCH, show_progress=False)
+    build = pool_reused.build([SST2, TREC], db_uri=milvus_server_uri, token=token, datasets=datasets(),
+                              shard_size=SHARD, options=OPTIONS, show_progress=False)
     assert [s.n_in_db for s in build.summaries] == [len(TEXTS)] * 2
     stored_ref, summaries_ref = reference_reused
-    for name, want in stored_ref.items():
+    for name, (want, _) in stored_ref.items():
         with ExitDB(milvus_server_uri, collection=summaries_ref[name].collection, token=token,
-                    meta=exit_db_meta(backbone, encoder, get_task(name)), consistency="Strong") as db:
+                    meta=setup_meta(backbone, encoder, get_task(name)), consistency="Strong") as db:
             got = db.get(want.ids)
         np.testing.assert_array_equal(got.ids, want.ids)
         np.testing.assert_allclose(got.exit_probs, want.exit_probs, atol=1e-5)
@@ -192,12 +175,12 @@ def test_build_with_ray_entry_point_checks_and_describes_the_count(ray_cluster_r
     from orchestration.distributed import build_with_ray, describe_build
 
     uri = str(tmp_path / "entry.db")
-    result = build_with_ray(["sst2"], db_uri=uri, num_actors=2, cpus_per_actor=ACTOR_CPUS, fraction=0.005,
-                            data_dir=str(data_dir), shard_size=16, batch_size=8, quiet=True,
-                            spec=ModelSpec(factory=tiny_llama_models))
+    result = build_with_ray([SST2], model=ModelSpec(factory=tiny_llama_models), db_uri=uri,
+                            options=BuildOptions(fraction=0.005, batch_size=8), data_dir=str(data_dir),
+                            ray_options=RayOptions(num_actors=2, shard_size=16, cpus_per_actor=ACTOR_CPUS), quiet=True)
     (summary,) = result.summaries
     assert summary.n_examples == summary.n_in_db == round(0.005 * 6920)
-    assert summary.collection.endswith("_frac0p005_seed0")
+    assert summary.variant == "fraction 0.005 (seed 0)"
     lines = describe_build(result)
     assert lines[0].startswith(f"{summary.collection}: {summary.n_in_db} records == {summary.n_in_db} written")
     assert "(checked)" in lines[0] and "on 2 actors" in lines[1]
@@ -209,11 +192,11 @@ def test_eval_with_ray_runs_tasks_in_parallel_with_a_lite_file_each(ray_cluster_
 
     from orchestration.distributed import eval_with_ray
 
-    config = evaluate.EvalConfig(k=4, tau=0.6, db_uri=str(tmp_path / "eval.db"), limit_train=24, limit_test=8,
+    config = evaluate.EvalConfig(k=4, tau=0.6, db_uri=str(tmp_path / "eval.db"), limit_train=32, limit_test=8,
                                  latency_examples=4, latency_batch_sizes=(1,), latency_repeats=1, tune_examples=8)
-    results, text = eval_with_ray(["sst2", "trec"], config=config, out_dir=str(tmp_path / "out"), command="test",
-                                  data_dir=str(data_dir), cpus_per_task=ACTOR_CPUS, quiet=True,
-                                  spec=ModelSpec(factory=tiny_llama_models))
+    results, text = eval_with_ray([SST2, TREC], config=config, out_dir=str(tmp_path / "out"), command="test",
+                                  model=ModelSpec(factory=tiny_llama_models), data_dir=str(data_dir),
+                                  cpus_per_task=ACTOR_CPUS, quiet=True)
     assert [(r["task"], r["n_train"], r["n_test"]) for r in results] == [("sst2", 24, 8), ("trec", 24, 8)]
     assert all(set(r["engine_mismatches"].values()) == {0} for r in results)
     assert (tmp_path / "eval.sst2.db").exists() and (tmp_path / "eval.trec.db").exists()
@@ -232,8 +215,8 @@ def two_node_build(db_uri: str) -> dict:
         cluster.add_node(num_cpus=1)
         ray.init(address=cluster.address, log_to_driver=False)
         with CollectorPool(ModelSpec(factory=tiny_llama_models), n_actors=2, ready_timeout_s=180) as pool:
-            result = pool.build(["sst2", "trec"], db_uri=db_uri, datasets=datasets(), shard_size=SHARD,
-                                batch_size=BATCH, show_progress=False)
+            result = pool.build([SST2, TREC], db_uri=db_uri, datasets=datasets(), shard_size=SHARD,
+                                options=OPTIONS, show_progress=False)
             locations = pool.locations(timeout_s=60)
         return {"node_ips": sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]),
                 "actor_nodes": sorted({node for node, _, _ in locations}),

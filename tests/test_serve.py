@@ -9,23 +9,22 @@ import numpy as np
 import pytest
 import requests
 
-from collectors.build import build_database, exit_db_meta
+from collectors.build import BuildOptions, build_database
 from inference_workers.deployment import (
     API_KEY_ENV,
     Limits,
-    ServeConfig,
     ServeSetupError,
     build_app,
     delete_app,
     run_app,
 )
 from inference_workers.engine import BatchEngine
-from milvus.exit_db import ExitDB
+from milvus.exit_db import ExitDB, setup_meta
 from raee.exit_policy import ExitPolicy
 from raee.spec import ModelSpec
 from raee.tasks import Dataset, get_task
 from tests.fixtures_models import SENTENCES
-from tests.fixtures_ray import ACTOR_CPUS, tiny_llama_models
+from tests.fixtures_ray import ACTOR_CPUS, RAEE_KNOBS, serve_config, tiny_llama_models
 
 pytestmark = pytest.mark.serve
 
@@ -44,18 +43,19 @@ def served_reused(tmp_path_factory, serve_url_reused):
     backbone, encoder = tiny_llama_models()
     uri = str(tmp_path_factory.mktemp("serve") / "exit.db")
     rng = np.random.default_rng(0)
-    expected, explained = {}, None
+    expected, explained, builds = {}, None, {}
     for task in (SST2, TREC):
         data = Dataset(task, "train", TRAIN_TEXTS, rng.integers(0, task.n_classes, size=len(TRAIN_TEXTS)))
-        summary = build_database(backbone, encoder, task, db_uri=uri, dataset=data, batch_size=16,
-                                 show_progress=False)
-        with ExitDB(uri, collection=summary.collection, meta=exit_db_meta(backbone, encoder, task)) as db:
-            engine = BatchEngine(backbone, encoder, {task.name: db}, POLICY)
+        summary = build_database(backbone, encoder, task, db_uri=uri, dataset=data,
+                                 options=BuildOptions(batch_size=16), show_progress=False)
+        builds[task] = summary.collection
+        with ExitDB(uri, collection=summary.collection, meta=setup_meta(backbone, encoder, task)) as db:
+            engine = BatchEngine.single(backbone, encoder, task, db, POLICY, name="raee")
             expected[task.name] = engine.classify(QUERIES, task)
             if task is SST2:
                 explained = engine.classify(QUERIES[:2], task, explain=True)
     # The driver has closed the Lite file: the replica becomes its one owner.
-    config = ServeConfig(tasks=("sst2", "trec"), db_uri=uri, k=POLICY.k, tau=POLICY.tau)
+    config = serve_config(uri, builds, policy="raee", knobs=RAEE_KNOBS)
     run_app(build_app(ModelSpec(factory=tiny_llama_models), config, cpus_per_replica=ACTOR_CPUS, limits=LIMITS),
             name=APP)
     yield serve_url_reused, expected, explained
@@ -133,22 +133,26 @@ def test_health_tasks_and_openapi(served_reused):
     health = requests.get(f"{url}/healthz", timeout=TIMEOUT_S).json()
     assert health["status"] == "ok" and health["tasks"] == ["sst2", "trec"] and health["n_layers"] == 4
     assert health["limits"]["max_texts"] == LIMITS.max_texts  # user_config reached reconfigure
+    assert health["limits"]["max_text_chars"] == 200 and isinstance(health["limits"]["max_text_chars"], int)
+    assert health["default_policy"] == "raee" and health["policies"] == ["raee", "raee-cal", "fused", "full"]
     tasks = requests.get(f"{url}/v1/tasks", timeout=TIMEOUT_S).json()
     assert [(t["name"], t["n_records"]) for t in tasks] == [("sst2", len(TRAIN_TEXTS)), ("trec", len(TRAIN_TEXTS))]
-    assert tasks[0]["label_words"] == list(SST2.words)
+    assert tasks[0]["label_words"] == list(SST2.words) and tasks[0]["build"] == "full training split"
     assert "/v1/classify" in requests.get(f"{url}/openapi.json", timeout=TIMEOUT_S).json()["paths"]
+    assert requests.get(f"{url}/docs", timeout=TIMEOUT_S).status_code == 404  # no CDN page that is blank offline
 
 
 @pytest.mark.parametrize(("body", "status", "message"), [
-    ({"task": "nope", "texts": ["fine"]}, 404, "unknown task 'nope'"),
-    ({"task": "MR", "texts": ["fine"]}, 404, "'mr' is not served here; this server serves: sst2, trec"),
+    ({"task": "nope", "texts": ["fine"]}, 404, "task 'nope' is not served here"),
+    ({"task": "MR", "texts": ["fine"]}, 404, "'MR' is not served here; this server serves: sst2, trec"),
     ({"task": "sst2", "texts": []}, 422, "texts is empty"),
     ({"task": "sst2", "texts": ["fine", "   "]}, 422, "text 1 is empty or whitespace only"),
     ({"task": "sst2", "texts": ["fine"] * 11}, 413, "too many texts: 11 > 10"),
     ({"task": "sst2", "texts": ["x" * 201]}, 413, "text 0 has 201 characters"),
     ({"task": "sst2", "texts": "not a list"}, 422, "list"),
     ({"texts": ["fine"]}, 422, "task"),
-    ({"task": "sst2", "texts": ["fine"], "policy": "fastest"}, 422, "policy"),
+    ({"task": "sst2", "texts": ["fine"], "policy": "fastest"}, 422, "unknown policy 'fastest'; use one of raee"),
+    ({"task": "sst2", "texts": ["fine"], "text_pairs": ["x"]}, 422, "takes no text_pairs"),
     ({"task": "sst2", "texts": ["fine", "bad \ud800"]}, 422, "text 1 is not valid Unicode: a lone surrogate at"),
     ({"task": "\udfff", "texts": ["fine"]}, 422, "task is not valid Unicode"),
     ({"task": "sst2", "texts": "\ud800"}, 422, "\\ud800"),  # the 422 body echoes it escaped, not as a 500
@@ -164,13 +168,13 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served_reused, body, 
 
 
 def test_lite_refuses_several_replicas():
-    config = ServeConfig(tasks=("sst2",), db_uri="./some.db")
+    config = serve_config("./some.db", {SST2: "some"})
     with pytest.raises(ServeSetupError, match=r"one process only.*Milvus server"):
         build_app(ModelSpec(factory=tiny_llama_models), config, replicas=2)
 
 
 def test_a_task_without_exit_database_is_a_clear_setup_error(served_reused, tmp_path):
-    config = ServeConfig(tasks=("sst2",), db_uri=str(tmp_path / "empty.db"))
+    config = serve_config(str(tmp_path / "empty.db"), {SST2: "never_built"})
     app = build_app(ModelSpec(factory=tiny_llama_models), config, cpus_per_replica=ACTOR_CPUS)
     try:
         with pytest.raises(ServeSetupError, match=r"no exit database for task sst2 in .*empty\.db.*raee build"):
@@ -185,11 +189,11 @@ def test_api_key_from_the_environment_is_required_on_v1_routes(serve_url_reused,
     backbone, encoder = tiny_llama_models()
     uri = str(tmp_path / "keyed.db")
     labels = np.random.default_rng(0).integers(0, 2, size=len(SENTENCES))
-    build_database(backbone, encoder, SST2, db_uri=uri, dataset=Dataset(SST2, "train", tuple(SENTENCES), labels),
-                   batch_size=8, show_progress=False)
+    summary = build_database(backbone, encoder, SST2, db_uri=uri,
+                             dataset=Dataset(SST2, "train", tuple(SENTENCES), labels), show_progress=False)
     monkeypatch.setenv(API_KEY_ENV, "s3cret-key")
-    app = build_app(ModelSpec(factory=tiny_llama_models), ServeConfig(tasks=("sst2",), db_uri=uri, k=4),
-                    cpus_per_replica=ACTOR_CPUS)
+    app = build_app(ModelSpec(factory=tiny_llama_models), serve_config(uri, {SST2: summary.collection},
+                                                                       knobs={"k": 4}), cpus_per_replica=ACTOR_CPUS)
     assert "s3cret" not in repr(app)  # not echoed in logs
     run_app(app, name="raee-keyed", route_prefix="/keyed")
     try:
