@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from threadpoolctl import threadpool_limits
 
 from raee.peers import (
     CALM_SOFTMAX_THRESHOLD,
@@ -28,6 +29,14 @@ from raee.peers import (
     state_saturation,
     tune_threshold,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    """Small matrices: BLAS threads only add overhead here (OpenBLAS's spin up to 10x on a loaded machine)."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
 
 # Two examples, three layers (L = 2), two classes.
 # Example 0: uniform, then 0.9 for class 1, then certain of class 1.
