@@ -106,14 +106,18 @@ def test_validation_errors_name_the_shapes():
         OffRamps.from_bytes(save({"mean": np.zeros((2, 2))}))
 
 
-def test_the_fit_is_scikit_learns_multinomial_logistic_regression():
+@pytest.mark.parametrize(("n_classes", "sklearn_c"), [(3, 0.5), (2, 1.0)])
+def test_the_fit_is_scikit_learns_logistic_regression(n_classes, sklearn_c):
+    # Same objective: sum of cross-entropies + (l2 / 2) ||W||^2 on standardised states, l2 = 2 here. sklearn's
+    # multinomial fit (C >= 3) penalises all C columns, so C = 1 / l2; its binary fit has one column w = w1 - w0,
+    # and our optimum has w0 = -w1, so ||W||^2 = ||w||^2 / 2 and C = 2 / l2.
     x = _states(300, 3, 8, seed=2)
-    y = np.random.default_rng(3).integers(0, 3, 300)
-    head = fit_offramps(x, y, 3, l2=2.0)
+    y = np.random.default_rng(3).integers(0, n_classes, 300)
+    head = fit_offramps(x, y, n_classes, l2=2.0)
     lp = head.layer_probs(x)
-    for layer in (1, 2):  # same objective: sum of cross-entropies + (l2 / 2) ||W||^2 on standardised states
+    for layer in (1, 2):
         z = (x[:, layer] - head.mean[layer]) / head.scale[layer]
-        reference = LogisticRegression(C=1 / 2.0, tol=1e-10, max_iter=10_000).fit(z, y)
+        reference = LogisticRegression(C=sklearn_c, tol=1e-10, max_iter=10_000).fit(z, y)
         np.testing.assert_allclose(lp[:, layer], reference.predict_proba(z), atol=1e-5)
     np.testing.assert_allclose(head.mean[1], x[:, 1].astype(np.float64).mean(axis=0), rtol=1e-9)
     np.testing.assert_allclose(head.scale[1], x[:, 1].astype(np.float64).std(axis=0), rtol=1e-9)
