@@ -168,11 +168,11 @@ def fit_offramps(states: np.ndarray, labels: np.ndarray, n_classes: int, *, l2: 
 
     states (N, L+1, H), labels (N,) ints in [0, n_classes) -> OffRamps. l2 penalises all C columns: it is
     sklearn's 1 / C for C >= 3 (multinomial) and 2 / C for two classes (sklearn's binary fit has one column).
-    All layers are fitted together by one L-BFGS run over the sum
-    of the per-layer objectives (they share no parameter, so the optimum is each layer's own), in a
-    parametrisation preconditioned by each layer's feature covariance (_fit_softmax, docs/peers.md). The
-    fit starts from zero and is deterministic. A class absent from `labels` gets probability 0; a layer
-    whose states are identical for every input (layer 0) learns only the class prior.
+    All layers are fitted together by one L-BFGS run over the sum of the per-layer objectives (they share
+    no parameter, so the optimum is each layer's own), in a parametrisation preconditioned by each layer's
+    feature covariance (_fit_softmax, docs/peers.md). The fit starts from zero weights and the class prior
+    and is deterministic. A class absent from `labels` gets probability 0; a layer whose states are
+    identical for every input (layer 0) learns only the class prior.
     """
     x, y = _check_training(states, labels, n_classes)
     if not l2 > 0:
