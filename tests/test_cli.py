@@ -132,7 +132,7 @@ def first_hour_db(tmp_path_factory, data_dir, model_cache_dir):
 
 @pytest.mark.real_model
 def test_one_build_serves_every_policy_without_repeating_build_options(first_hour_db):
-    db, common = first_hour_db
+    _, common = first_hour_db
     out = raee("explain", "a gorgeous , witty , seductive movie .", "a dull mess", "--json", *common)
     assert out.returncode == 0, out.stderr
     document = json.loads(out.stdout)  # ONE JSON document for several texts
@@ -150,7 +150,7 @@ def test_one_build_serves_every_policy_without_repeating_build_options(first_hou
 
 @pytest.mark.real_model
 def test_several_builds_are_listed_with_how_to_pick_one(first_hour_db, data_dir):
-    db, common = first_hour_db
+    _, common = first_hour_db
     built = raee("build", "--task", "sst2", "--data-dir", str(data_dir), "--fraction", "0.002", "--seed", "1",
                  "--json", *common)
     assert built.returncode == 0, built.stderr
