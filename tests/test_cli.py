@@ -187,7 +187,8 @@ def test_a_spec_of_your_own_goes_from_build_to_explain(tmp_path, model_cache_dir
     spec = (tmp_path / "feedback.toml").read_text().replace('praise = "praise"', 'praise = "thanks"')
     (tmp_path / "feedback.toml").write_text(spec)
     error = one_line(raee("explain", "where is my order ?", *common, cwd=str(tmp_path)))
-    assert "built for another version of task feedback" in error and "rebuild it: raee build --task feedback.toml" in error
+    assert "built for another version of task feedback" in error
+    assert "rebuild it: raee build --task feedback.toml" in error
 
 
 @pytest.mark.real_model
