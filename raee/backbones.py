@@ -226,8 +226,11 @@ class DecoderFamily(Family):
         super().__init__(model, tokenizer)
         if hasattr(model, "model") and hasattr(model.model, "layers"):  # the Llama layout most families share
             self._base, self._attr, norm = model.model, "layers", model.model.norm
-        else:  # GPT-2
+        elif hasattr(model, "transformer") and hasattr(model.transformer, "h"):  # GPT-2
             self._base, self._attr, norm = model.transformer, "h", model.transformer.ln_f
+        else:
+            raise BackboneError(f"{type(model).__name__} keeps its blocks neither in model.layers nor in "
+                                "transformer.h; load the text-only causal LM (AutoModelForCausalLM)")
         self.stacks = (Stack("blocks", self._base, getattr(self._base, self._attr), 0, True),)
         self._readout = _LinearReadout(norm, model.lm_head, softcap=getattr(model.config, "final_logit_softcapping",
                                                                             None))

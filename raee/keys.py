@@ -176,8 +176,7 @@ class BackboneStateEncoder:
         n_layers = len(self._stack.blocks)
         layer_idx = n_layers // 2 if layer_idx is None else layer_idx
         if not 0 <= layer_idx <= n_layers:
-            where = f"the encoder of {backbone.name} (keys come from the encoder)" if len(
-                backbone.family.stacks) > 1 else backbone.name
+            where = backbone.name if len(backbone.family.stacks) == 1 else f"the encoder of {backbone.name}"
             raise ValueError(f"layer_idx must lie in [0, {n_layers}] for {where}, got {layer_idx}")
         self.backbone = backbone
         self.layer_idx = layer_idx
