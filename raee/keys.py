@@ -156,7 +156,8 @@ class BackboneStateEncoder:
 
     Costs `layer_idx` blocks per text on top of inference, and needs no second model. `layer_idx=None`
     takes the middle layer. With key_input="prompt" and pooling="last" the key is the state the exit head
-    reads at the answer position.
+    reads at the answer position (decoder-only). An encoder-decoder's keys come from its encoder: layer_idx
+    in [0, encoder blocks], "last" is the EOS the tokenizer appends.
     """
 
     def __init__(
@@ -171,9 +172,12 @@ class BackboneStateEncoder:
     ) -> None:
         _check_choice("pooling", pooling, _POOLINGS)
         _check_choice("key_input", key_input, _KEY_INPUTS)
-        layer_idx = backbone.n_layers // 2 if layer_idx is None else layer_idx
-        if not 0 <= layer_idx <= backbone.n_layers:
-            raise ValueError(f"layer_idx must lie in [0, {backbone.n_layers}] for {backbone.name}, got {layer_idx}")
+        self._stack = backbone.family.stacks[0]  # the blocks a forward from token ids runs first (an encoder's)
+        n_layers = len(self._stack.blocks)
+        layer_idx = n_layers // 2 if layer_idx is None else layer_idx
+        if not 0 <= layer_idx <= n_layers:
+            where = backbone.name if len(backbone.family.stacks) == 1 else f"the encoder of {backbone.name}"
+            raise ValueError(f"layer_idx must lie in [0, {n_layers}] for {where}, got {layer_idx}")
         self.backbone = backbone
         self.layer_idx = layer_idx
         self.pooling: Pooling = pooling
@@ -222,9 +226,9 @@ class BackboneStateEncoder:
                     max_length=self.backbone.max_length)
         batch = {k: v.to(self.backbone.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         into: dict[str, torch.Tensor] = {}
-        with _capture_layer(self.backbone.parts.blocks, self.layer_idx, into):
+        with _capture_layer(self._stack.blocks, self.layer_idx, into):
             try:
-                self.backbone.parts.base(**batch)
+                self._stack.module(**batch)
             except _StopForward:
                 pass
         hidden = into["hidden"].float()  # (B, T, H)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from raee.backbones import _ENCODER_TYPES, Backbone
+from raee.backbones import Backbone, family_name
 from raee.settings import CACHE_DIR_ENV, DEFAULT_BACKBONE, DEFAULT_ENCODER, default_cache_dir
 
 __all__ = ["CACHE_DIR_ENV", "DEFAULT_BACKBONE", "DEFAULT_ENCODER", "default_cache_dir", "load_backbone", "resolve"]
@@ -146,7 +146,7 @@ def load_backbone(
     dtype: torch.dtype = torch.float32,
     batch_size: int = 32,
 ) -> Backbone:
-    """A Backbone for a registry name, a local folder or a Hugging Face id (causal or masked LM)."""
+    """A Backbone for a registry name, a local folder or a Hugging Face id (decoder-only, masked LM or T5/BART)."""
     path = resolve(name, cache_dir=cache_dir)
     try:
         config = transformers.AutoConfig.from_pretrained(path)
@@ -155,8 +155,8 @@ def load_backbone(
             f"cannot load model {name!r} from {path} ({exc.__class__.__name__}); use one of "
             f"{', '.join(REGISTRY)} or a local folder / Hugging Face id"
         ) from exc
-    auto = (transformers.AutoModelForMaskedLM if config.model_type in _ENCODER_TYPES
-            else transformers.AutoModelForCausalLM)
+    auto = {"masked": transformers.AutoModelForMaskedLM, "encoder-decoder": transformers.AutoModelForSeq2SeqLM,
+            "decoder": transformers.AutoModelForCausalLM}[family_name(config)]
     model = auto.from_pretrained(path, dtype=dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     return Backbone(model, tokenizer, name=name, device=device, batch_size=batch_size)

@@ -81,7 +81,7 @@ def test_backbone_states_normalised_and_stop_at_their_layer(tiny_llama_reused):
     encoder = BackboneStateEncoder(backbone, layer_idx=1, key_input="prompt")
     calls = [0] * backbone.n_layers
     handles = [block.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
-               for i, block in enumerate(backbone.parts.blocks)]
+               for i, block in enumerate(backbone.model.model.layers)]
     try:
         keys = encoder.encode(SENTENCES, SST2)
     finally:
