@@ -54,7 +54,8 @@ def write_task(folder, fmt: str, *, name: str = "reviews", spec: str = SPEC, n_t
     for split, part in (("train", rows[:n_train]), ("test", rows[n_train : n_train + n_test])):
         path = folder / "data" / f"{split}.{fmt}"
         if fmt == "jsonl":
-            path.write_text("".join(json.dumps({"review": r, "context": c, "stars": int(s)}) + "\n" for r, c, s in part))
+            lines = (json.dumps({"review": r, "context": c, "stars": int(s)}) for r, c, s in part)
+            path.write_text("".join(line + "\n" for line in lines))
         elif fmt == "parquet":
             pq.write_table(pa.table({"review": [r for r, _, _ in part], "context": [c for _, c, _ in part],
                                      "stars": [int(s) for _, _, s in part]}), path)
