@@ -41,6 +41,8 @@ label = "stars"
 "3" = "okay"
 "5" = "good"
 """
+# Label words of two tokens that share their first ("not"): scored by the sum of their tokens' log-probabilities.
+MULTI_TOKEN = SPEC.replace('"1" = "bad"', '"1" = "not good"').replace('"5" = "good"', '"5" = "not bad"')
 PAIRS = list(itertools.permutations(SENTENCES, 2))  # 56 (review, context) pairs
 
 
@@ -100,7 +102,8 @@ def test_a_task_only_in_a_file_builds_on_ray_and_serves_over_http(tmp_path, mode
                                                                   serve_url_reused):
     from inference_workers.deployment import build_app, delete_app, run_app
 
-    task = write_task(tmp_path, "jsonl", name="pairs-only")
+    task = write_task(tmp_path, "jsonl", name="pairs-only", spec=MULTI_TOKEN)
+    assert models_reused[0].label_tokens(task).summed  # the multi-token rule is what runs below
     local_uri, ray_uri = str(tmp_path / "local.db"), str(tmp_path / "ray.db")
     (local,) = build([task], model=MODEL, db_uri=local_uri, quiet=True)
     (distributed,) = build([task], model=MODEL, db_uri=ray_uri, engine="ray", quiet=True,
@@ -132,7 +135,7 @@ def test_a_task_only_in_a_file_builds_on_ray_and_serves_over_http(tmp_path, mode
         missing = requests.post(url, json={"task": "pairs-only", "texts": texts[:1]}, timeout=60)
         assert missing.status_code == 422 and "send text_pairs" in missing.json()["detail"]
         tasks = requests.get(f"{serve_url_reused}/custom/v1/tasks", timeout=60).json()
-        assert tasks[0]["pairs"] is True and tasks[0]["label_words"] == ["bad", "okay", "good"]
+        assert tasks[0]["pairs"] is True and tasks[0]["label_words"] == ["not good", "okay", "not bad"]
     finally:
         delete_app("raee-custom")
 
@@ -141,7 +144,7 @@ def test_eval_scores_a_spec_task_with_its_metric(tmp_path, models_reused):
     from orchestration.evaluate import EvalConfig, evaluate_task
     from raee.tasks import score
 
-    task = write_task(tmp_path, "parquet", n_train=44, n_test=12)
+    task = write_task(tmp_path, "parquet", spec=MULTI_TOKEN, n_train=44, n_test=12)
     config = EvalConfig(db_uri=str(tmp_path / "eval.db"), k=4, tau=0.6, tune_examples=8, latency_examples=2,
                         latency_repeats=1, latency_batch_sizes=(1,), fused_betas=(1.0,), fused_slacks=(0.0, 0.1),
                         curve_slacks=(0.0,))
