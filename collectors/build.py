@@ -10,6 +10,13 @@ so a repeated or resumed build rewrites the same rows instead of adding new ones
 
 Which examples a build holds (a seeded fraction, only the ones the full model gets right) is its
 `BuildVariant`, recorded with the collection: later commands find the build without repeating the options.
+
+Exit heads: `head="lm"` reads each layer through the LM head's label words (the paper). `head="offramp"` fits
+one linear off-ramp per layer on the answer-position states of a seeded sample of the training examples
+(raee/offramps.py); the sample's records get cross-fitted distributions (from off-ramps that never saw the
+example), the rest of the split is read through the off-ramps fitted on the whole sample, which never saw it
+either. The off-ramps are stored with the collection and named in its metadata, so the database is only
+queried with the head it was built with.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -27,6 +35,7 @@ from milvus.index import IndexConfig
 from raee.backbones import Backbone
 from raee.calibration import Calibration, fit_calibration
 from raee.exit_policy import exit_sets
+from raee.heads import ExitHead
 from raee.keys import KeyEncoder
 from raee.records import ExitRecords, record_ids
 from raee.tasks import Dataset, Task, load_split
@@ -36,13 +45,19 @@ from raee.tasks import Dataset, Task, load_split
 class BuildOptions:
     """How a build selects, records and stores its examples; declared once and passed whole.
 
-    fraction/seed/only_correct: the BuildVariant (which training examples). metric/index: how Milvus
-    compares keys (index None: FLAT for a new collection, as built for an existing one). calibration_examples:
-    the seeded sample the calibration is fitted on. collection: a name instead of the derived one."""
+    fraction/seed/only_correct: the BuildVariant (which training examples). head: "lm" (label words through
+    the LM head) or "offramp" (trained per-layer off-ramps, fitted on the first offramp_examples of the build
+    order, cross-fitted over offramp_folds). metric/index: how Milvus compares keys (index None: FLAT for a new
+    collection, as built for an existing one). calibration_examples: the seeded sample the calibration is
+    fitted on. collection: a name instead of the derived one."""
 
     fraction: float = 1.0
     seed: int = 0
     only_correct: bool = False
+    head: Literal["lm", "offramp"] = "lm"
+    offramp_examples: int = 10000
+    offramp_folds: int = 5
+    offramp_l2: float = 1.0
     metric: Metric = "L2"
     index: IndexConfig | None = None
     batch_size: int = 32
@@ -54,6 +69,11 @@ class BuildOptions:
         if self.batch_size < 1 or self.calibration_examples < 1:
             raise ValueError(f"batch_size and calibration_examples must be >= 1, got {self.batch_size}, "
                              f"{self.calibration_examples}")
+        if self.head not in ("lm", "offramp"):
+            raise ValueError(f"head must be 'lm' or 'offramp', got {self.head!r}")
+        if self.offramp_examples < 2 * self.offramp_folds or self.offramp_folds < 2:
+            raise ValueError(f"offramp_folds must be >= 2 and offramp_examples >= 2 * offramp_folds, got "
+                             f"{self.offramp_folds}, {self.offramp_examples}")
 
     @property
     def variant(self) -> BuildVariant:
@@ -119,11 +139,12 @@ def exit_records(task: Task, split: str, data: Dataset, layer_probs: np.ndarray,
 
 
 def record_batches(backbone: Backbone, encoder: KeyEncoder, data: Dataset, *, batch_size: int,
-                   only_correct: bool = False, known_probs: np.ndarray | None = None,
+                   only_correct: bool = False, known_probs: np.ndarray | None = None, head: ExitHead | None = None,
                    show_progress: bool = False) -> Iterator[tuple[ExitRecords, np.ndarray]]:
     """(records kept, exit sets of the batch) for each batch of `data`, in order: the per-batch collector.
 
-    known_probs: layer distributions of data's first rows, already computed (the calibration sample)."""
+    known_probs: layer distributions of data's first rows, already computed (calibration or off-ramp sample).
+    head: read every layer through this exit head (off-ramps) instead of the LM head's label words."""
     task = data.task
     bar = tqdm(total=len(data), disable=not show_progress, desc=f"build {task.name}", unit="ex")
     with bar:
@@ -132,7 +153,7 @@ def record_batches(backbone: Backbone, encoder: KeyEncoder, data: Dataset, *, ba
             have = known_probs[start : start + len(part)] if known_probs is not None else np.zeros((0,))
             rest = part.take(np.arange(len(have), len(part)))
             if len(rest):
-                computed = backbone.layer_probs(rest.texts, task, pairs=rest.pairs)  # (b, L+1, C)
+                computed = _layer_probs(backbone, rest, head)  # (b, L+1, C)
                 layer_probs = np.concatenate([have, computed]) if len(have) else computed
             else:
                 layer_probs = have
@@ -141,18 +162,41 @@ def record_batches(backbone: Backbone, encoder: KeyEncoder, data: Dataset, *, ba
             yield exit_records(task, part.split, part, layer_probs, keys, only_correct=only_correct)
 
 
-def prepare(backbone: Backbone, encoder: KeyEncoder, task: Task, dataset: Dataset,
-            options: BuildOptions) -> tuple[Dataset, ExitDBMeta, str]:
+def _layer_probs(backbone: Backbone, data: Dataset, head: ExitHead | None) -> np.ndarray:
+    if head is None:
+        return backbone.layer_probs(data.texts, data.task, pairs=data.pairs)
+    states = backbone.layer_pass(data.texts, data.task, pairs=data.pairs).states  # (b, L+1, H)
+    return np.stack([head.probs(layer, states[:, layer]) for layer in range(states.shape[1])], axis=1)
+
+
+def fit_head(backbone: Backbone, data: Dataset, options: BuildOptions, *,
+             show_progress: bool = False) -> tuple[ExitHead, np.ndarray]:
+    """(off-ramps fitted on the first offramp_examples of `data`, those examples' cross-fitted distributions)."""
+    from raee.offramps import cross_fit
+
+    sample = data.take(np.arange(min(options.offramp_examples, len(data))))
+    states = backbone.layer_pass(sample.texts, data.task, pairs=sample.pairs, show_progress=show_progress).states
+    fitted = cross_fit(states, sample.labels, data.task.n_classes, n_folds=options.offramp_folds,
+                       seed=options.seed, l2=options.offramp_l2)
+    return fitted.final, fitted.layer_probs.astype(np.float32)
+
+
+def prepare(backbone: Backbone, encoder: KeyEncoder, task: Task, dataset: Dataset, options: BuildOptions,
+            head: ExitHead | None = None) -> tuple[Dataset, ExitDBMeta, str]:
     """(examples in processing order, the setup's meta, the collection name): what every build engine shares."""
     rows = build_rows(dataset, options.variant)
-    meta = setup_meta(backbone, encoder, task, metric=options.metric)
+    meta = setup_meta(backbone, encoder, task, metric=options.metric, head=head.name if head is not None else "lm")
     return dataset.take(rows), meta, options.collection or collection_name(meta, options.variant)
 
 
-def fit_build_calibration(backbone: Backbone, data: Dataset, options: BuildOptions, *,
+def fit_build_calibration(backbone: Backbone, data: Dataset, options: BuildOptions, *, known: np.ndarray | None = None,
                           show_progress: bool = False) -> tuple[Calibration, np.ndarray]:
-    """(calibration, the sample's layer distributions): fitted on the first calibration_examples of `data`."""
-    sample = data.take(np.arange(min(options.calibration_examples, len(data))))
+    """(calibration, the sample's layer distributions): fitted on the first calibration_examples of `data`
+    (their distributions taken from `known` where it covers them)."""
+    n = min(options.calibration_examples, len(data))
+    if known is not None and len(known) >= n:
+        return fit_calibration(known[:n]), known
+    sample = data.take(np.arange(n))
     probs = backbone.layer_probs(sample.texts, data.task, pairs=sample.pairs, show_progress=show_progress)
     return fit_calibration(probs), probs
 
@@ -175,16 +219,22 @@ def build_database(
     interrupted build can simply be run again (same variant, same ids, same records)."""
     options = options or BuildOptions()
     dataset = dataset if dataset is not None else load_split(task, "train", data_dir)
-    data, meta, collection = prepare(backbone, encoder, task, dataset, options)
-    if not len(data):
+    if not len(dataset):
         raise ValueError(f"task {task.name} has no training examples to build from")
     start = time.perf_counter()
-    calibration, known = fit_build_calibration(backbone, data, options, show_progress=show_progress)
+    head = known = None
+    if options.head == "offramp":
+        ordered = dataset.take(build_rows(dataset, options.variant))
+        head, known = fit_head(backbone, ordered, options, show_progress=show_progress)
+    data, meta, collection = prepare(backbone, encoder, task, dataset, options, head)
+    calibration, known = fit_build_calibration(backbone, data, options, known=known, show_progress=show_progress)
     n_records = n_no_correct = n_full_correct = 0
     with ExitDB(db_uri, collection=collection, meta=meta, variant=options.variant, token=token,
                 index=options.index, calibration=calibration) as db:
+        if head is not None:
+            db.put_blob("head", head.to_bytes())
         for records, probs in record_batches(backbone, encoder, data, batch_size=options.batch_size,
-                                             only_correct=options.only_correct, known_probs=known,
+                                             only_correct=options.only_correct, known_probs=known, head=head,
                                              show_progress=show_progress):
             n_records += db.upsert(records)
             n_no_correct += int((probs == 0).all(axis=1).sum())

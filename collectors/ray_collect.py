@@ -27,9 +27,10 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
-from collectors.build import BuildOptions, BuildSummary, prepare, record_batches, summarize
+from collectors.build import BuildOptions, BuildSummary, build_rows, fit_head, prepare, record_batches, summarize
 from milvus.exit_db import BuildVariant, ExitDB, ExitDBMeta, is_lite_uri
 from raee.calibration import Calibration, fit_calibration
+from raee.heads import ExitHead
 from raee.records import ExitRecords, record_ids
 from raee.spec import ModelSpec
 from raee.tasks import Dataset, Task, get_task, load_split
@@ -106,22 +107,32 @@ class _Collector:
         context = ray.get_runtime_context()
         return context.get_node_id(), ray.util.get_node_ip_address(), os.getpid()
 
-    def prepare(self, task: Task, dataset: Dataset, options: BuildOptions) -> tuple[Dataset, ExitDBMeta, str]:
+    def prepare(self, task: Task, dataset: Dataset, options: BuildOptions,
+                head: ExitHead | None) -> tuple[Dataset, ExitDBMeta, str]:
         """collectors.build.prepare with this actor's models: (examples in build order, meta, collection)."""
-        return prepare(self.backbone, self.encoder, task, dataset, options)
+        return prepare(self.backbone, self.encoder, task, dataset, options, head)
+
+    def fit_head(self, data: Dataset, options: BuildOptions) -> tuple[ExitHead, np.ndarray]:
+        """collectors.build.fit_head on this actor: (off-ramps, the sample's cross-fitted distributions)."""
+        return fit_head(self.backbone, data, options)
 
     def layer_probs(self, data: Dataset) -> np.ndarray:
         """Raw per-layer label distributions (N, L+1, C): what the driver fits a calibration on."""
         return self.backbone.layer_probs(data.texts, data.task, pairs=data.pairs)
 
     def collect(self, shard: Shard, data: Dataset, *, only_correct: bool, batch_size: int,
-                target: _ServerTarget | None) -> ShardResult:
-        """Records of one shard; upserted here when target is a server, else returned to the driver."""
+                target: _ServerTarget | None, head: ExitHead | None = None,
+                known: np.ndarray | None = None) -> ShardResult:
+        """Records of one shard; upserted here when target is a server, else returned to the driver.
+
+        head: read layers through it (off-ramps); known: distributions of the build's first rows (the
+        off-ramps' cross-fitted sample), used for the shard's rows they cover."""
         part = data.take(np.arange(shard.start, shard.stop))
+        known_part = known[shard.start : shard.stop] if known is not None and shard.start < len(known) else None
         kept: list[ExitRecords] = []
         n_no_correct = n_full_correct = 0
         for records, probs in record_batches(self.backbone, self.encoder, part, batch_size=batch_size,
-                                             only_correct=only_correct):
+                                             only_correct=only_correct, head=head, known_probs=known_part):
             kept.append(records)
             n_no_correct += int((probs == 0).all(axis=1).sum())
             n_full_correct += int((probs[:, -1] > 0).sum())
@@ -169,6 +180,8 @@ class _Plan:
     shards: list[Shard]
     db: ExitDB
     calibration: Calibration | None = None
+    head_ref: ray.ObjectRef | None = None  # the off-ramps of a head="offramp" build
+    known_ref: ray.ObjectRef | None = None  # their cross-fitted distributions for the build's first rows
     n_records: int = 0
     n_no_correct: int = 0
     n_full_correct: int = 0
@@ -295,18 +308,30 @@ class CollectorPool:
 
     def _plan(self, task: Task, dataset: Dataset, options: BuildOptions, *, db_uri: str, token: str | None,
               shard_size: int, timeout_s: float) -> _Plan:
-        data, meta, collection = ray.get(self.actors[0].prepare.remote(task, dataset, options), timeout=timeout_s)
+        head = known = None
+        if options.head == "offramp":  # fitted on one actor from the sample's states; the rest use it
+            ordered = dataset.take(build_rows(dataset, options.variant))
+            head, known = ray.get(self.actors[0].fit_head.remote(ordered, options), timeout=timeout_s)
+        data, meta, collection = ray.get(self.actors[0].prepare.remote(task, dataset, options, head),
+                                         timeout=timeout_s)
         if not len(data):
             raise CollectionError(f"task {task.name} has no training examples to build from")
-        sample = data.take(np.arange(min(options.calibration_examples, len(data))))
-        calibration = fit_calibration(ray.get(self.actors[0].layer_probs.remote(sample), timeout=timeout_s))
+        n_cal = min(options.calibration_examples, len(data))
+        if known is not None and len(known) >= n_cal:
+            calibration = fit_calibration(known[:n_cal])
+        else:
+            calibration = fit_calibration(ray.get(self.actors[0].layer_probs.remote(data.take(np.arange(n_cal))),
+                                                  timeout=timeout_s))
         db = ExitDB(db_uri, collection=collection, meta=meta, variant=options.variant, token=token,
                     index=options.index, calibration=calibration)  # creates it once, here
+        if head is not None:
+            db.put_blob("head", head.to_bytes())
         data_ref = ray.put(data)  # shared by every shard of the task
         shards = [Shard(task, data.split, lo, min(lo + shard_size, len(data)))
                   for lo in range(0, len(data), shard_size)]
         return _Plan(task, data.split, len(data), data.example_idx, data_ref, collection, meta, options.variant,
-                     shards, db, db.calibration)
+                     shards, db, db.calibration, None if head is None else ray.put(head),
+                     None if known is None else ray.put(known))
 
     def _run(self, plans: list[_Plan], *, db_uri: str, token: str | None, options: BuildOptions, timeout_s: float,
              show_progress: bool, on_shard: Callable[[ShardResult], None] | None) -> int:
@@ -323,7 +348,8 @@ class CollectorPool:
                     continue
                 actor = self.actors[len(pending) % len(self.actors)]
                 ref = actor.collect.remote(shard, plan.data_ref, only_correct=options.only_correct,
-                                           batch_size=options.batch_size, target=target)
+                                           batch_size=options.batch_size, target=target, head=plan.head_ref,
+                                           known=plan.known_ref)
                 pending[ref] = plan
         total = sum(p.n_examples for p in plans)
         with tqdm(total=total, initial=n_done_examples, disable=not show_progress, unit="ex",

@@ -254,7 +254,7 @@ class RaeeServer:
                     self.errors.append(f"the exit database {collection!r} of task {task.name} in {config.db_uri} "
                                        f"is empty; build it first: raee build --task {task.name}")
                     continue
-                served[task.name] = ServedTask(task, db)
+                served[task.name] = ServedTask.of(task, db)
             self.engine = BatchEngine(backbone, encoder, served, all_policies(**config.knobs), config.policy)
         except BaseException:
             self._close()

@@ -80,6 +80,31 @@ class ServedTask:
     db: ExitDB
     head: ExitHead | None = None  # None: the LM head's label words (head "lm")
 
+    @classmethod
+    def of(cls, task: Task, db: ExitDB) -> ServedTask:
+        """The task over db, with the head stored in db (the off-ramps of a `--head offramp` build)."""
+        return cls(task, db, stored_head(db))
+
+
+def stored_head(db: ExitDB) -> ExitHead | None:
+    """The exit head a database was built with: None for the LM head, else its stored off-ramps (checked)."""
+    if db.meta.head == "lm":
+        return None
+    if not db.meta.head.startswith("offramp:"):
+        raise EngineSetupError(f"exit database {db.collection!r} was built with head {db.meta.head!r}, which this "
+                               "raee cannot read")
+    from raee.offramps import OffRamps
+
+    data = db.get_blob("head")
+    if data is None:
+        raise EngineSetupError(f"exit database {db.collection!r} names head {db.meta.head!r} but stores no "
+                               "off-ramps; rebuild it with `raee build --head offramp`")
+    head = OffRamps.from_bytes(data)
+    if head.name != db.meta.head:
+        raise EngineSetupError(f"exit database {db.collection!r}: stored off-ramps are {head.name!r}, its metadata "
+                               f"names {db.meta.head!r}; rebuild it")
+    return head
+
 
 @dataclass(frozen=True)
 class StageTimes:

@@ -26,12 +26,14 @@ Decisions (see docs/milvus.md for the long form):
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import re
 import threading
 import time
+import zlib
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -56,6 +58,10 @@ _ID, _VECTOR, _PROBS, _LABEL, _TEXT = "id", "vector", "exit_probs", "label", "te
 _LAYER_PROBS = "layer_probs"  # (L+1) * C floats, flattened; empty when a record was written without them
 _MAX_ARRAY = 4096  # Milvus' ARRAY max_capacity limit
 _MAX_K = 16384  # Milvus' topk limit
+# Blobs (a trained exit head's weights) live in a companion collection "<collection>__blobs" as base64 chunks:
+# collection properties share one metadata record with a size limit on a server, a collection does not.
+BLOB_SUFFIX = "__blobs"
+_BLOB_CHUNK = 48_000  # raw bytes per row: 64,000 base64 characters, under VARCHAR's 65,535
 # Milvus Lite's FLAT search materialises a (queries, rows, D) float32 array per segment (measured: 29 GiB
 # for 256 queries over 80k rows of D=384), so on Lite the query batch is split to stay under this size.
 _LITE_SEARCH_BYTES = 256 * 2**20
@@ -404,10 +410,49 @@ class ExitDB:
             "state": str(desc.get("state")),
         }
 
+    def put_blob(self, name: str, data: bytes) -> None:
+        """Store bytes under `name` beside the records (e.g. a trained exit head), replacing what was there."""
+        blobs = self.collection + BLOB_SUFFIX
+        with self._op("put_blob"):
+            if not self._client.has_collection(blobs, timeout=self.timeout_s):
+                schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+                schema.add_field("id", DataType.INT64, is_primary=True)
+                schema.add_field("name", DataType.VARCHAR, max_length=128)
+                schema.add_field("data", DataType.VARCHAR, max_length=65535)
+                schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus wants a vector field; unused
+                index_params = self._client.prepare_index_params()
+                index_params.add_index(field_name="v", index_type="FLAT", metric_type="L2")
+                self._client.create_collection(blobs, schema=schema, index_params=index_params,
+                                               timeout=self.timeout_s)
+            self._client.load_collection(blobs, timeout=max(self.timeout_s, 60.0))
+            self._client.delete(blobs, filter=f'name == "{name}"', timeout=self.timeout_s)
+            encoded = base64.b64encode(data).decode("ascii")
+            step = _BLOB_CHUNK * 4 // 3
+            base = (zlib.crc32(name.encode()) & 0x7FFFFFFF) << 20
+            rows = [{"id": base + i, "name": name, "data": encoded[start : start + step], "v": [0.0, 0.0]}
+                    for i, start in enumerate(range(0, max(len(encoded), 1), step))]
+            self._client.insert(blobs, rows, timeout=self.timeout_s)
+            self._client.flush(blobs, timeout=max(self.timeout_s, 60.0))
+
+    def get_blob(self, name: str) -> bytes | None:
+        """The bytes stored under `name`, or None."""
+        blobs = self.collection + BLOB_SUFFIX
+        with self._op("get_blob"):
+            if not self._client.has_collection(blobs, timeout=self.timeout_s):
+                return None
+            self._client.load_collection(blobs, timeout=max(self.timeout_s, 60.0))
+            rows = self._client.query(blobs, filter=f'name == "{name}"', output_fields=["id", "data"],
+                                      consistency_level="Strong", timeout=self.timeout_s)
+        if not rows:
+            return None
+        return base64.b64decode("".join(r["data"] for r in sorted(rows, key=lambda r: r["id"])))
+
     def drop(self) -> None:
-        """Delete the collection and all its records; the handle is unusable afterwards."""
+        """Delete the collection, its records and its blobs; the handle is unusable afterwards."""
         with self._op("drop"):
             self._client.drop_collection(self.collection, timeout=self.timeout_s)
+            if self._client.has_collection(self.collection + BLOB_SUFFIX, timeout=self.timeout_s):
+                self._client.drop_collection(self.collection + BLOB_SUFFIX, timeout=self.timeout_s)
 
     def close(self) -> None:
         """Release the connection; with Lite, flush and release the database lock when the last handle closes."""

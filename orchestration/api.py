@@ -69,23 +69,31 @@ class Classifier:
         return f"Classifier(task={self.task.name!r}, collection={self.collection!r})"
 
 
-def load(task: str | Task, *, db: str = "./raee.db", model: str = DEFAULT_BACKBONE, encoder: str = DEFAULT_ENCODER,
+def _spec(model: str | ModelSpec, encoder: str, cache_dir: str | None) -> ModelSpec:
+    return model if isinstance(model, ModelSpec) else ModelSpec(model, encoder, cache_dir=cache_dir)
+
+
+def load(task: str | Task, *, db: str = "./raee.db", model: str | ModelSpec = DEFAULT_BACKBONE,
+         encoder: str = DEFAULT_ENCODER,
          policy: str = DEFAULT_POLICY, token: str | None = None, collection: str | None = None,
-         cache_dir: str | None = None, **knobs: float) -> Classifier:
+         head: str | None = None, cache_dir: str | None = None, **knobs: float) -> Classifier:
     """A Classifier for a built-in task name or a spec path over its build in `db` (see `raee explain --help`).
 
-    knobs: the policies' parameters (k, tau, beta, slack)."""
+    model: a backbone name, folder or hub id (with `encoder`), or a whole raee.spec.ModelSpec. collection / head
+    pick a build when db holds several for the task; knobs: the policies' parameters (k, tau, beta, slack)."""
     one = get_task(task)
-    context = open_engine([one], model=ModelSpec(model, encoder, cache_dir=cache_dir), db_uri=db, token=token,
-                          selector=BuildSelector(collection=collection), policy=policy, knobs=knobs)
+    context = open_engine([one], model=_spec(model, encoder, cache_dir), db_uri=db, token=token,
+                          selector=BuildSelector(collection=collection, head=head), policy=policy, knobs=knobs)
     engine = context.__enter__()
     return Classifier(engine, one, context)
 
 
-def build(task: str | Task, *, db: str = "./raee.db", model: str = DEFAULT_BACKBONE, encoder: str = DEFAULT_ENCODER,
-          fraction: float = 1.0, seed: int = 0, only_correct: bool = False, token: str | None = None,
-          data_dir: str | None = None, cache_dir: str | None = None, quiet: bool = False) -> BuildSummary:
+def build(task: str | Task, *, db: str = "./raee.db", model: str | ModelSpec = DEFAULT_BACKBONE,
+          encoder: str = DEFAULT_ENCODER,
+          head: str = "lm", fraction: float = 1.0, seed: int = 0, only_correct: bool = False,
+          token: str | None = None, data_dir: str | None = None, cache_dir: str | None = None,
+          quiet: bool = False) -> BuildSummary:
     """Build the task's exit database from its training split (`raee build`); returns what it wrote."""
-    return run_build([get_task(task)], model=ModelSpec(model, encoder, cache_dir=cache_dir), db_uri=db,
-                     options=BuildOptions(fraction=fraction, seed=seed, only_correct=only_correct), token=token,
-                     data_dir=data_dir, quiet=quiet)[0]
+    options = BuildOptions(fraction=fraction, seed=seed, only_correct=only_correct, head=head)
+    return run_build([get_task(task)], model=_spec(model, encoder, cache_dir), db_uri=db,
+                     options=options, token=token, data_dir=data_dir, quiet=quiet)[0]

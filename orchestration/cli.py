@@ -89,6 +89,8 @@ FractionPick = Annotated[float | None, typer.Option(
     "--fraction", callback=_check_fraction, help="Use the build made with this --fraction (when --db holds several).")]
 OnlyCorrectPick = Annotated[bool | None, typer.Option(
     "--only-correct/--all-examples", help="Use the build made with (or without) --only-correct.", show_default=False)]
+HeadPick = Annotated[str | None, typer.Option(
+    "--head", help="Use the build made with this exit head (lm or offramp) when --db holds both.")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=1, help="A seeded random N test examples.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Texts per forward pass.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text.")]
@@ -146,10 +148,10 @@ def _knobs(policy: str, k: int, tau: float, beta: float | None, slack: float | N
             if value is not None}
 
 
-def _selector(collection: str | None, fraction: float | None, only_correct: bool | None):
+def _selector(collection: str | None, fraction: float | None, only_correct: bool | None, head: str | None = None):
     from orchestration.pipelines import BuildSelector
 
-    return BuildSelector(collection, fraction, only_correct)
+    return BuildSelector(collection, fraction, only_correct, head)
 
 
 @tasks_app.callback(invoke_without_command=True)
@@ -272,6 +274,9 @@ def build(
                                             help="Seeded share of the train split, in (0, 1] (Table 4).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the --fraction subset and of the calibration sample.")] = 0,
     only_correct: Annotated[bool, typer.Option(help="Keep only examples the full model gets right.")] = False,
+    head: Annotated[str, typer.Option(
+        help="Exit head: lm (the label words through the LM head, as the paper) or offramp (one linear off-ramp "
+             "per layer, trained on the training split's states; cross-fitted records).")] = "lm",
     collection: Annotated[str | None, typer.Option(help="Collection name (default: derived from the setup).")] = None,
     data_dir: DataDirOpt = None,
     cache_dir: CacheDirOpt = None,
@@ -298,6 +303,8 @@ def build(
 
       raee build --task trec --fraction 0.2 --seed 1
 
+      raee build --task sst2 --head offramp --db offramp.db
+
       raee build --task sst2,trec --ray --num-actors 2 --db http://127.0.0.1:19530
     """
     from collectors.build import BuildOptions
@@ -305,7 +312,9 @@ def build(
     from orchestration.pipelines import build as run_build
 
     _setup_logging(quiet)
-    options = BuildOptions(fraction=fraction, seed=seed, only_correct=only_correct, batch_size=batch_size,
+    if head not in ("lm", "offramp"):
+        raise typer.BadParameter(f"unknown head {head!r}; use lm or offramp", param_hint="--head")
+    options = BuildOptions(fraction=fraction, seed=seed, only_correct=only_correct, head=head, batch_size=batch_size,
                            collection=collection)
     summaries = run_build(parse_tasks(task), model=_model(model, encoder, cache_dir, batch_size), db_uri=db,
                           options=options, token=token, data_dir=data_dir, engine="ray" if ray or ray_address else
@@ -338,6 +347,7 @@ def explain(
     collection: CollectionOpt = None,
     fraction: FractionPick = None,
     only_correct: OnlyCorrectPick = None,
+    head: HeadPick = None,
     token: TokenOpt = None,
     cache_dir: CacheDirOpt = None,
     as_json: JsonOpt = False,
@@ -371,7 +381,7 @@ def explain(
     one = parse_tasks(task)[0]
     knobs = _knobs(policy, k, tau, beta, slack)
     responses = run_explain(texts, one, model=_model(model, encoder, cache_dir), db_uri=db, pairs=pair or None,
-                            token=token, selector=_selector(collection, fraction, only_correct), policy=policy,
+                            token=token, selector=_selector(collection, fraction, only_correct, head), policy=policy,
                             knobs=knobs)
     if as_json:
         predictions = [{"text": text, **asdict(r)} for text, r in zip(texts, responses, strict=True)]
@@ -401,6 +411,7 @@ def score(
     collection: CollectionOpt = None,
     fraction: FractionPick = None,
     only_correct: OnlyCorrectPick = None,
+    head: HeadPick = None,
     data_dir: DataDirOpt = None,
     batch_size: BatchOpt = 32,
     token: TokenOpt = None,
@@ -423,7 +434,7 @@ def score(
     _setup_logging(quiet)
     one = parse_tasks(task)[0]
     report = score_split(one, model=_model(model, encoder, cache_dir, batch_size), db_uri=db, token=token,
-                         selector=_selector(collection, fraction, only_correct), policy=policy,
+                         selector=_selector(collection, fraction, only_correct, head), policy=policy,
                          knobs=_knobs(policy, k, tau, beta, slack), limit=limit, data_dir=data_dir,
                          batch_size=batch_size, quiet=quiet)
     if as_json:
@@ -527,6 +538,7 @@ def serve(
     collection: CollectionOpt = None,
     fraction: FractionPick = None,
     only_correct: OnlyCorrectPick = None,
+    head: HeadPick = None,
     token: TokenOpt = None,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Texts batched into one engine call.")] = 32,
     batch_wait_timeout_s: Annotated[float, typer.Option(min=0.0, help="Wait for a batch to fill (s).")] = 0.01,
@@ -560,7 +572,7 @@ def serve(
                            limits=Limits(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
                                          max_texts=max_texts, max_text_chars=max_text_chars))
     run_serve(parse_tasks(task), model=_model(model, encoder, cache_dir), db_uri=db, token=token,
-              selector=_selector(collection, fraction, only_correct), options=options, ray_address=ray_address)
+              selector=_selector(collection, fraction, only_correct, head), options=options, ray_address=ray_address)
 
 
 def _setup_logging(quiet: bool) -> None:

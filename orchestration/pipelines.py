@@ -38,16 +38,18 @@ class BuildSelector:
     collection: str | None = None
     fraction: float | None = None
     only_correct: bool | None = None
+    head: str | None = None  # "lm" or "offramp"
 
     def matches(self, build: StoredBuild) -> bool:
         return ((self.collection is None or build.collection == self.collection)
                 and (self.fraction is None or abs(build.variant.fraction - self.fraction) < 1e-12)
-                and (self.only_correct is None or build.variant.only_correct == self.only_correct))
+                and (self.only_correct is None or build.variant.only_correct == self.only_correct)
+                and (self.head is None or build.meta.head.split(":")[0] == self.head))
 
     def describe(self) -> str:
         given = [f"--collection {self.collection}" if self.collection else "",
                  f"--fraction {self.fraction:g}" if self.fraction is not None else "",
-                 "--only-correct" if self.only_correct else ""]
+                 "--only-correct" if self.only_correct else "", f"--head {self.head}" if self.head else ""]
         return " ".join(g for g in given if g)
 
 
@@ -193,7 +195,7 @@ def choose_build(db_uri: str, task: Task, *, model: ModelSpec | None = None, tok
     if len(current) > 1:
         listed = "; ".join(b.describe() for b in current)
         raise ExitDatabaseError(f"{len(current)} exit databases for task {task.name} in {db_uri}: {listed}; pick "
-                                "one with --collection NAME (or --fraction / --only-correct)")
+                                "one with --collection NAME (or --fraction / --only-correct / --head)")
     return current[0]
 
 
@@ -209,7 +211,7 @@ def open_engine(tasks: Sequence[Task], *, model: ModelSpec, db_uri: str, token: 
         for task in tasks:
             db = stack.enter_context(ExitDB(db_uri, collection=builds[task.name].collection, meta=None,
                                             create=False, token=token))
-            served[task.name] = ServedTask(task, db)
+            served[task.name] = ServedTask.of(task, db)
         yield BatchEngine(backbone, encoder, served, all_policies(**(knobs or {})), policy)
 
 

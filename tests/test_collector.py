@@ -133,3 +133,32 @@ def test_fraction_is_a_seeded_deterministic_subset(tiny_llama_reused, state_enco
     picked = subset_indices(20, 0.25, seed=3)
     np.testing.assert_array_equal(stored.ids, record_ids("sst2", "train", picked))  # ids keep original indices
     assert stored.texts == tuple(data.texts[i] for i in picked)
+
+
+def test_an_offramp_build_stores_cross_fitted_records_and_its_head(tiny_llama_reused, state_encoder_reused,
+                                                                   tmp_path):
+    """--head offramp: the sample's records come from off-ramps that never saw them, the rest from the final
+    off-ramps (fitted on the sample only), and the head is stored with the collection under its name."""
+    from inference_workers.engine import stored_head
+    from raee.offramps import cross_fit
+
+    backbone, encoder, data = tiny_llama_reused, state_encoder_reused, pair_dataset(30)
+    uri = str(tmp_path / "offramp.db")
+    options = BuildOptions(head="offramp", offramp_examples=20, offramp_folds=4, calibration_examples=10,
+                           batch_size=8)
+    summary = build_database(backbone, encoder, SST2, db_uri=uri, dataset=data, options=options, show_progress=False)
+    assert summary.n_in_db == 30
+    ordered = data.take(build_rows(data, BuildVariant()))
+    states = backbone.layer_pass(list(ordered.texts), SST2).states  # (30, L+1, H)
+    fitted = cross_fit(states[:20], ordered.labels[:20], 2, n_folds=4, seed=0)
+    with ExitDB(uri, collection=summary.collection, meta=None, create=False) as db:
+        head = stored_head(db)  # the build's off-ramps (its states came in other batches: equal up to rounding)
+        assert head.name == db.meta.head and db.meta.head.startswith("offramp:")
+        np.testing.assert_allclose(head.layer_probs(states), fitted.final.layer_probs(states), atol=1e-5)
+        stored = db.get(record_ids("sst2", "train", ordered.example_idx))
+        np.testing.assert_allclose(stored.layer_probs[:20], fitted.layer_probs, atol=1e-5)  # cross-fitted
+        np.testing.assert_allclose(stored.layer_probs[20:], fitted.final.layer_probs(states[20:]), atol=1e-5)
+        np.testing.assert_allclose(stored.exit_probs, exit_sets(stored.layer_probs, ordered.labels), atol=1e-6)
+        np.testing.assert_allclose(db.calibration.bias, fit_calibration(fitted.layer_probs[:10]).bias, atol=1e-6)
+    lm = build_database(backbone, encoder, SST2, db_uri=uri, dataset=data, show_progress=False)
+    assert lm.collection != summary.collection  # the head is part of the setup: both builds live side by side

@@ -177,3 +177,35 @@ def test_one_build_serves_every_policy_and_each_request_may_pick_one(setup_reuse
     assert [r.policy for r in mixed] == ["raee", "fused", "full"]
     assert mixed[2].exit_layer == backbone.n_layers
     np.testing.assert_allclose(mixed[2].probs, all_layers[0, -1], atol=1e-5)  # the full model's own answer
+
+
+def test_the_engine_reads_an_offramp_build_through_its_head_exactly(setup_reused, tmp_path):
+    """Exactness and real savings hold for the off-ramp head: each text's answer is the stored off-ramp at its
+    exit layer applied to the state the full recorded pass saw there."""
+    from inference_workers.engine import stored_head
+    from raee.exit_policy import calibrated_view
+
+    backbone, encoder, _ = setup_reused
+    labels = np.random.default_rng(1).integers(0, 2, size=len(TRAIN_TEXTS))
+    uri = str(tmp_path / "offramp.db")
+    summary = build_database(backbone, encoder, SST2, db_uri=uri, dataset=Dataset(SST2, "train", TRAIN_TEXTS, labels),
+                             options=BuildOptions(head="offramp", offramp_folds=3, batch_size=16),
+                             show_progress=False)
+    with ExitDB(uri, collection=summary.collection, meta=None, create=False) as db:
+        head = stored_head(db)
+        engine = BatchEngine(backbone, encoder, {"sst2": ServedTask.of(SST2, db)}, all_policies(k=5, slack=0.1),
+                             "fused")
+        states = backbone.layer_pass(QUERIES, SST2).states  # (B, L+1, H)
+        found = db.search(encoder.encode(QUERIES), k=5)
+        for name in ("raee", "fused"):
+            policy = engine.policies[name]
+            view = calibrated_view(found, db.calibration) if policy.calibrated else found
+            exits = policy.exit_layers(view)
+            at_exit = np.stack([head.probs(int(layer), states[i : i + 1, layer])[0] for i, layer in enumerate(exits)])
+            expected = policy.final_probs(db.calibration.apply_at(at_exit, exits) if policy.calibrated else at_exit,
+                                          view)
+            responses = engine.classify(QUERIES, "sst2", policy=name)
+            assert [r.exit_layer for r in responses] == exits.tolist()
+            np.testing.assert_allclose([r.probs for r in responses], expected, atol=1e-5)
+        with pytest.raises(EngineSetupError, match="head"):  # read through the LM head instead: refused
+            BatchEngine(backbone, encoder, {"sst2": ServedTask(SST2, db)}, {"p": ExitPolicy()}, "p")

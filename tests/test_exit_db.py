@@ -171,6 +171,17 @@ def test_a_collection_keeps_its_calibration_and_build_variant(exit_db_uri: str, 
         ExitDB(exit_db_uri, collection=name, meta=TEST_META, create=False, token=exit_db_token)
 
 
+def test_blobs_round_trip_beside_the_records(exit_db: ExitDB) -> None:
+    """A trained head's weights (hundreds of KB) stored in chunks beside the collection, replaced, dropped with it."""
+    data = np.random.default_rng(0).bytes(150_000)
+    assert exit_db.get_blob("head") is None
+    exit_db.put_blob("head", data)
+    assert exit_db.get_blob("head") == data
+    exit_db.put_blob("head", b"short")  # replacing leaves no chunk of the longer blob behind
+    assert exit_db.get_blob("head") == b"short"
+    assert exit_db.get_blob("other") is None
+
+
 def test_metadata_mismatch_names_both_values(exit_db: ExitDB, exit_db_uri: str,
                                              exit_db_token: str | None) -> None:
     other = dataclasses.replace(TEST_META, backbone="smollm2-135m", n_layers=30)

@@ -116,6 +116,29 @@ def test_two_actors_write_the_in_process_records_and_a_rerun_skips_every_shard(p
     assert_same_records(uri, reference_reused)
 
 
+def test_an_offramp_build_on_actors_equals_the_in_process_one(pool_reused, tmp_path):
+    """One actor fits the off-ramps on the sample; shards read the sample's cross-fitted rows, the rest through them."""
+    from inference_workers.engine import stored_head
+
+    backbone, encoder = tiny_llama_models()
+    options = BuildOptions(head="offramp", offramp_examples=20, offramp_folds=4, batch_size=BATCH,
+                           calibration_examples=12)
+    data = datasets()["sst2"]
+    want = build_database(backbone, encoder, SST2, db_uri=str(tmp_path / "ref.db"), dataset=data, options=options,
+                          show_progress=False)
+    got = pool_reused.build([SST2], db_uri=str(tmp_path / "ray.db"), datasets={"sst2": data}, shard_size=SHARD,
+                            options=options, show_progress=False)
+    assert got.summaries[0].n_in_db == len(TEXTS)
+    ids = record_ids("sst2", "train", np.arange(len(TEXTS)))
+    with ExitDB(str(tmp_path / "ref.db"), collection=want.collection, meta=None, create=False) as ref, \
+         ExitDB(str(tmp_path / "ray.db"), collection=got.summaries[0].collection, meta=None, create=False) as db:
+        np.testing.assert_allclose(db.get(ids).layer_probs, ref.get(ids).layer_probs, atol=1e-5)
+        np.testing.assert_allclose(db.calibration.bias, ref.calibration.bias, atol=1e-5)
+        states = backbone.layer_pass(list(TEXTS), SST2).states
+        np.testing.assert_allclose(stored_head(db).layer_probs(states), stored_head(ref).layer_probs(states),
+                                   atol=1e-5)
+
+
 @pytest.mark.reliability
 def test_killed_actor_is_restarted_and_nothing_is_lost_or_duplicated(pool_reused, reference_reused, tmp_path):
     uri = str(tmp_path / "ray.db")
