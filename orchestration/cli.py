@@ -472,6 +472,10 @@ def evaluate(
         min=0, help="Test examples each retrieval policy also runs through the real engine (default: all).")] = None,
     forward_cache: Annotated[bool, typer.Option(
         help="Cache the recorded forward passes under the --cache-dir (re-runs skip the backbone).")] = True,
+    heads: Annotated[str, typer.Option(
+        help="Exit heads RAEE's policies run over: lm, or lm,offramp (also trained off-ramps).")] = "lm",
+    peers: Annotated[bool, typer.Option(
+        help="Also the paper's peers: DeeBERT, AdaInfer, CALM, SLEB (docs/peers.md).")] = False,
     out: Annotated[str, typer.Option(help="Folder for results.json, results.md and figures/.")] = "runs/eval",
     fail_under: Annotated[float | None, typer.Option(
         help="Exit 3 when the default policy's (fused) average score is below this.")] = None,
@@ -493,6 +497,8 @@ def evaluate(
       raee eval --tasks sst2,my_task.toml --k-sweep 1,4,8,12,16 --fraction-sweep 0.1,0.2,0.5
 
       raee eval --tasks all --ray --limit-train 1500 --limit 300
+
+      raee eval --tasks all --heads lm,offramp --peers --out runs/eval-table1
     """
     from orchestration.evaluate import EvalConfig
     from orchestration.methods import HEADLINE
@@ -505,7 +511,8 @@ def evaluate(
                         tune_examples=tune_examples, depth_budget=depth_budget, engine_check_examples=engine_check,
                         cache_dir=str(cache_dir or default_cache_dir()) if forward_cache else None,
                         k_sweep=tuple(int(v) for v in k_sweep.split(",") if v.strip()),
-                        fraction_sweep=tuple(float(v) for v in fraction_sweep.split(",") if v.strip()))
+                        fraction_sweep=tuple(float(v) for v in fraction_sweep.split(",") if v.strip()),
+                        heads=tuple(h.strip() for h in heads.split(",") if h.strip()), peers=peers)
     command = "raee eval " + " ".join(sys.argv[2:])
     results, text = run_eval(parse_tasks(tasks), model=_model(model, encoder, cache_dir), config=config, out_dir=out,
                              command=command, data_dir=data_dir, quiet=quiet,

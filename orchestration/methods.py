@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
-METHODS: list[str] = ["full", "full_cal", "raee", "raee_wo", "raee_cal", "fused", "fixed_trunc", "confidence",
-                      "knn", "oracle"]
 METHOD_TITLES: dict[str, str] = {
-    "full": "Full model (last layer)", "full_cal": "Full model, calibrated last layer",
-    "raee": "RAEE (paper)", "raee_wo": "RAEE w/o (only-correct db)",
-    "raee_cal": "RAEE, calibrated view", "fused": "Fused: calibrated layer x neighbour vote (default)",
-    "fixed_trunc": "Fixed truncation at RAEE's mean exit", "confidence": "Confidence exit (zero-shot)",
-    "knn": "kNN label vote (no backbone)", "oracle": "Oracle (earliest correct layer)",
+    # the LM head (the paper's read-out of the label words)
+    "full": "Full model (last layer)",
+    "full_cal": "Full model, calibrated last layer",
+    "raee": "RAEE (paper)",
+    "raee_wo": "RAEE w/o (only-correct db)",
+    "raee_cal": "RAEE, calibrated view",
+    "fused": "Fused: calibrated layer x neighbour vote (default)",
+    "fixed_trunc": "Fixed truncation at RAEE's mean exit",
+    "confidence": "Confidence exit (zero-shot)",
+    "knn": "kNN label vote (no backbone)",
+    "oracle": "Oracle (earliest correct layer)",
+    # the paper's peers (docs/peers.md)
+    "deebert": "DeeBERT (off-ramps, entropy exit)",
+    "adainfer": "AdaInfer (stop classifier)",
+    "calm_sr": "CALM softmax response (zero-shot)",
+    "calm_sr_tuned": "CALM softmax response (tuned)",
+    "calm_sat": "CALM state saturation (zero-shot)",
+    "calm_sat_tuned": "CALM state saturation (tuned)",
+    "sleb": "SLEB (int(0.6 L) blocks removed)",
+    # RAEE over trained off-ramps (raee build --head offramp)
+    "full_or": "Off-ramp head: last layer",
+    "full_cal_or": "Off-ramp head: last layer, calibrated",
+    "raee_or": "Off-ramp head: RAEE (Eq. 4-6)",
+    "raee_cal_or": "Off-ramp head: RAEE, calibrated view",
+    "fused_or": "Off-ramp head: fused",
+    "oracle_or": "Off-ramp head: oracle",
 }
+METHODS: list[str] = list(METHOD_TITLES)
 ENGINE_METHODS: dict[str, str] = {"raee": "raee", "raee_cal": "raee-cal", "fused": "fused"}  # method -> policy
 HEADLINE = "fused"  # the default policy's method: what --fail-under checks
+PEERS = ("deebert", "adainfer", "calm_sr", "calm_sr_tuned", "calm_sat", "calm_sat_tuned", "sleb")

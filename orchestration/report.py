@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestration.methods import METHOD_TITLES, METHODS
+from orchestration.methods import METHOD_TITLES, METHODS, PEERS
 from raee.records import Neighbours
 from raee.tasks import Task
 
@@ -24,6 +24,21 @@ def _table(lines: list[str], title: str, tasks: list[str], rows: list[tuple[str,
                      + (f" | {format(_mean(row), fmt)} |" if avg else " |"))
 
 
+def _table1(lines: list[str], results: list[dict], methods: list[str]) -> None:
+    """The paper's Table 1 shape: score and mean exit layer per method, 8-task average, and where each wins."""
+    tasks = [r["task"] for r in results]
+    shown = [m for m in methods if m not in ("fixed_trunc", "confidence", "raee_wo", "full_cal_or")]
+    lines += ["", "### Table 1 shape: every method, score x100 (mean exit layer)", "",
+              "| method | " + " | ".join(tasks) + " | avg score | avg exit |", "|---" * (len(tasks) + 3) + "|"]
+    for m in shown:
+        cells = [f"{100 * r['scores'][m]:.1f} ({r['mean_exit'][m]:.1f})" for r in results]
+        average = _mean([100 * r["scores"][m] for r in results])
+        lines.append(f"| {METHOD_TITLES[m]} | " + " | ".join(cells) + f" | {average:.1f}"
+                     f" | {_mean([r['mean_exit'][m] for r in results]):.2f} |")
+    best = [max((m for m in shown if not m.startswith("oracle")), key=lambda m, r=r: r["scores"][m]) for r in results]
+    lines.append("| best (not the oracle) | " + " | ".join(METHOD_TITLES[b] for b in best) + " | | |")
+
+
 def markdown(results: list[dict], *, header: dict) -> str:
     """Score table (Table 1), mean exit layer table (Table 8), latency, tuning, diagnostics and sweeps."""
     tasks = [r["task"] for r in results]
@@ -36,36 +51,51 @@ def markdown(results: list[dict], *, header: dict) -> str:
     _table(lines, f"### Mean exit layer (of {n_layers}; 0 = embeddings, kNN runs no backbone)", tasks,
            [(METHOD_TITLES[m], [r["mean_exit"][m] for r in results]) for m in methods], ".2f")
 
-    lines += ["", "### Fused policy: knobs chosen on the held-out training slice (never on test)", "",
-              "| task | tuning examples | beta | slack | tuning score | tuning mean exit | test score "
-              "| test mean exit |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        p = r.get("fused_params") or {}
-        chosen = [g for g in r.get("tune_grid", []) if g["beta"] == p.get("beta") and g["slack"] == p.get("slack")]
-        if chosen:
-            g = chosen[0]
-            lines.append(f"| {r['task']} | {r['n_tune']} | {p['beta']:g} | {p['slack']:g} | {100 * g['score']:.1f} | "
-                         f"{g['mean_exit']:.2f} | {100 * r['scores']['fused']:.1f} | {r['mean_exit']['fused']:.2f} |")
+    if any(m in results[0]["scores"] for m in (*PEERS, "fused_or")):
+        _table1(lines, results, methods)
 
-    lines += ["", "### End-to-end latency per example (ms; retrieval policies include encoder, search and policy)",
-              "", "| task | batch | full model | RAEE | fused | RAEE speedup | fused speedup |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "### Fused policy: knobs chosen on the held-out training slice (never on test)", "",
+              "| task | head | tuning examples | beta | slack | tuning score | tuning mean exit | test score "
+              "| test mean exit |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        for batch, lat in r["latency_ms"].items():
-            lines.append(f"| {r['task']} | {batch} | {lat['full_ms']:.1f} | {lat.get('raee_ms', 0):.1f} | "
-                         f"{lat.get('fused_ms', 0):.1f} | {lat.get('raee_speedup', 0):.2f}x | "
-                         f"{lat.get('fused_speedup', 0):.2f}x |")
+        for head, p, grid, method in (("lm", r.get("fused_params") or {}, r.get("tune_grid", []), "fused"),
+                                      ("offramp", (r.get("offramp") or {}).get("fused_params") or {},
+                                       (r.get("offramp") or {}).get("tune_grid", []), "fused_or")):
+            chosen = [g for g in grid if g["beta"] == p.get("beta") and g["slack"] == p.get("slack")]
+            if chosen and method in r["scores"]:
+                g = chosen[0]
+                lines.append(f"| {r['task']} | {head} | {r['n_tune']} | {p['beta']:g} | {p['slack']:g} | "
+                             f"{100 * g['score']:.1f} | {g['mean_exit']:.2f} | {100 * r['scores'][method]:.1f} | "
+                             f"{r['mean_exit'][method]:.2f} |")
+
+    timed = [m for m in methods if all(f"{m}_ms" in lat for r in results for lat in r["latency_ms"].values())]
+    for batch in results[0]["latency_ms"]:
+        lines += ["", f"### Latency per example at batch {batch}: ms (speed-up vs the full model, measured side by "
+                      "side; retrieval policies end to end incl. keys and search; peers as truncated forwards to "
+                      "their exits)",
+                  "", "| | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        for m in timed:
+            cells = [f"{r['latency_ms'][batch][f'{m}_ms']:.1f}" + (f" ({r['latency_ms'][batch][f'{m}_speedup']:.2f}x)"
+                                                                   if m != "full" else "") for r in results]
+            lines.append(f"| {METHOD_TITLES[m]} | " + " | ".join(cells) + " |")
     lines += ["", "### Checks", "", "| task | database / tuning / test examples | train share with no correct layer | "
-              "engine vs recorded-layer mismatches (RAEE / RAEE cal. / fused; examples checked) |", "|---|---|---|---|"]
+              "engine vs recorded-layer mismatches (RAEE / RAEE cal. / fused; off-ramp head the same; examples "
+              "checked) |", "|---|---|---|---|"]
     for r in results:
         mm = r.get("engine_mismatches", {})
+        off = (f"; off-ramp head {mm.get('raee_or', '-')} / {mm.get('raee_cal_or', '-')} / {mm.get('fused_or', '-')}"
+               if "fused_or" in mm else "")
         lines.append(f"| {r['task']} | {r['n_train']} / {r['n_tune']} / {r['n_test']} | "
                      f"{r['share_train_no_correct_layer']:.3f} | {mm.get('raee', '-')} / {mm.get('raee_cal', '-')} / "
-                     f"{mm.get('fused', '-')}; {r.get('engine_checked', '-')} |")
+                     f"{mm.get('fused', '-')}{off}; {r.get('engine_checked', '-')} |")
     layers = range(n_layers + 1)
     _table(lines, "### Per-layer score on the test split, raw (x100; the last row is the full model)", tasks,
            [(str(layer), [100 * r["layer_scores"][layer] for r in results]) for layer in layers], ".1f", avg=False)
+    if all(r.get("offramp") for r in results):
+        _table(lines, "### Per-layer score of the off-ramps on the test split (x100)", tasks,
+               [(str(layer), [100 * r["offramp"]["layer_scores"][layer] for r in results]) for layer in layers],
+               ".1f", avg=False)
     if results[0].get("layer_scores_calibrated"):
         _table(lines, "### Per-layer score on the test split after calibration (x100)", tasks,
                [(str(layer), [100 * r["layer_scores_calibrated"][layer] for r in results]) for layer in layers],

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from orchestration.evaluate import METHODS, EvalConfig, evaluate_task
+from orchestration.methods import PEERS
 from orchestration.report import markdown
 from raee.keys import BackboneStateEncoder
 from raee.tasks import get_task
@@ -27,7 +28,8 @@ def test_every_method_is_scored_and_the_engine_matches_the_recorded_layers(tiny_
                         fused_betas=(0.5, 2.0), fused_slacks=(0.0, 0.2), cache_dir=str(tmp_path / "cache"))
     result = evaluate_task(SST2, backbone, encoder, config, data_dir=str(data_dir), quiet=True,
                            figure_dir=str(tmp_path / "figures"))
-    assert set(result.scores) == set(METHODS) and set(result.mean_exit) == set(METHODS)
+    lm_methods = [m for m in METHODS if m not in PEERS and not m.endswith("_or")]  # the default: LM head, no peers
+    assert set(result.scores) == set(lm_methods) and set(result.mean_exit) == set(lm_methods)
     # every retrieval policy's engine run (truncated forwards) equals the recorded-layer reading
     assert result.engine_mismatches == {"raee": 0, "raee_cal": 0, "fused": 0} and result.engine_checked == 24
     assert result.mean_exit["full"] == backbone.n_layers
@@ -95,3 +97,26 @@ def test_limit_train_caps_everything_taken_from_the_training_split(data_dir):
     assert len(train) + len(tune) == 300
     with pytest.raises(ValueError, match="leaves no database examples"):
         split_train(load_split(SST2, "train", data_dir), 10, 10, 0)
+
+
+def test_offramp_head_and_peers_are_scored_from_the_training_split_only(tiny_setup, tmp_path, data_dir):
+    """--heads lm,offramp --peers on a tiny model: every peer is scored, the off-ramp head's engine answers as its
+    recorded reading, thresholds are chosen on the tuning slice, SLEB keeps L - int(0.6 L) blocks."""
+    backbone, encoder = tiny_setup
+    config = EvalConfig(db_uri=str(tmp_path / "eval.db"), limit_train=64, limit_test=24, latency_examples=4,
+                        latency_repeats=1, latency_batch_sizes=(4,), tune_examples=16, fused_betas=(1.0,),
+                        fused_slacks=(0.0, 0.2), curve_slacks=(0.0,), heads=("lm", "offramp"), peers=True,
+                        offramp_folds=3, sleb_prompts=8, cache_dir=str(tmp_path / "cache"))
+    result = evaluate_task(SST2, backbone, encoder, config, data_dir=str(data_dir), quiet=True)
+    for method in (*PEERS, "full_or", "raee_or", "raee_cal_or", "fused_or", "oracle_or"):
+        assert method in result.scores and 0 <= result.mean_exit[method] <= backbone.n_layers, method
+    assert result.engine_mismatches["raee_or"] == result.engine_mismatches["fused_or"] == 0
+    assert result.offramp["head"].startswith("offramp:") and len(result.offramp["layer_scores"]) == 5
+    assert result.mean_exit["sleb"] == backbone.n_layers - int(0.6 * backbone.n_layers)
+    assert len(result.peer_params["sleb_kept_blocks"]) == 2 and "deebert_entropy" in result.peer_params
+    assert result.scores["oracle_or"] >= result.scores["full_or"]
+    assert {"deebert_ms", "sleb_ms", "fused_or_ms", "full_ms"} <= set(result.latency_ms["4"])
+    text = markdown([result.to_dict()], header={"model": "tiny", "encoder": encoder.name, "command": "test",
+                                                "k": 12, "tau": 0.9, "confidence_threshold": 0.9})
+    assert "Table 1 shape" in text and "| DeeBERT (off-ramps, entropy exit) |" in text
+    assert "Per-layer score of the off-ramps" in text
