@@ -203,3 +203,54 @@ def test_t5_keys_come_from_the_encoder():
 def test_t5_block_subsets_are_a_clear_error():
     with pytest.raises(BackboneError, match="decoder-only"):
         tiny_backbone("t5").predict_blocks(SENTENCES[:2], SST2, [0, 1])
+
+
+@pytest.fixture(scope="module")
+def t5_folder(tmp_path_factory):
+    """A tiny T5 saved as a local folder: what `--model path/to/t5` loads."""
+    folder = tmp_path_factory.mktemp("tiny-t5")
+    backbone = tiny_backbone("t5")
+    backbone.model.save_pretrained(folder)
+    backbone.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_t5_by_local_folder_builds_explains_evaluates_and_serves(t5_folder, tmp_path, data_dir, serve_url_reused):
+    """The pipelines take a T5 by folder: build (Alg. 3.1), explain, eval's engine check and Serve over HTTP."""
+    import requests
+
+    from collectors.build import build_database
+    from inference_workers.deployment import build_app, delete_app, run_app
+    from orchestration.evaluate import EvalConfig, evaluate_task
+    from orchestration.pipelines import choose_build, explain
+    from raee.spec import ModelSpec
+    from raee.tasks import Dataset
+    from tests.fixtures_ray import ACTOR_CPUS, serve_config
+
+    model = ModelSpec(t5_folder, "backbone", device="cpu", batch_size=8)  # keys from the T5 encoder
+    texts = tuple(f"{a} {b}" for a in SENTENCES for b in SENTENCES if a != b)
+    labels = np.random.default_rng(0).integers(0, 2, size=len(texts))
+    db = str(tmp_path / "t5.db")
+    backbone, encoder = model.load()
+    summary = build_database(backbone, encoder, SST2, db_uri=db, dataset=Dataset(SST2, "train", texts, labels),
+                             show_progress=False)
+    assert summary.n_in_db == len(texts) and backbone.n_layers == N_ENC + N_DEC
+    answers = explain(list(SENTENCES[:3]), SST2, model=model, db_uri=db, knobs={"k": 4})
+    assert all(0 <= a.exit_layer <= N_ENC + N_DEC and len(a.neighbours) == 4 for a in answers)
+    assert choose_build(db, SST2, model=model).collection == summary.collection
+
+    config = EvalConfig(db_uri=str(tmp_path / "eval.db"), limit_train=36, limit_test=12, k=4, tau=0.6,
+                        tune_examples=8, latency_examples=2, latency_repeats=1, latency_batch_sizes=(1,),
+                        fused_betas=(1.0,), fused_slacks=(0.0,), curve_slacks=(0.0,))
+    result = evaluate_task(SST2, backbone, encoder, config, data_dir=str(data_dir), quiet=True)
+    assert set(result.engine_mismatches.values()) == {0} and result.n_layers == N_ENC + N_DEC
+
+    run_app(build_app(model, serve_config(db, {SST2: summary.collection}, knobs={"k": 4}),
+                      cpus_per_replica=ACTOR_CPUS), name="raee-t5", route_prefix="/t5")
+    try:
+        reply = requests.post(f"{serve_url_reused}/t5/v1/classify", json={"task": "sst2", "texts": list(SENTENCES[:3])},
+                              timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert [p["exit_layer"] for p in reply.json()["predictions"]] == [a.exit_layer for a in answers]
+    finally:
+        delete_app("raee-t5")
