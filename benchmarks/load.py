@@ -170,7 +170,7 @@ def tiny_models():
 
 def _deploy(args: argparse.Namespace, root: Path) -> tuple[str, object, list[str]]:
     """(base URL, deployment handle, query texts): database built, Serve started on 127.0.0.1, app running."""
-    from collectors.build import build_database
+    from collectors.build import BuildOptions, build_database
     from inference_workers.deployment import Limits, ServeConfig, build_app, run_app, start_http
     from milvus.server import free_port
     from raee.spec import ModelSpec
@@ -192,11 +192,11 @@ def _deploy(args: argparse.Namespace, root: Path) -> tuple[str, object, list[str
         spec = ModelSpec(args.model, args.encoder, cache_dir=args.cache_dir, batch_size=args.batch_size)
     backbone, encoder = spec.load(n_threads=1)
     uri = str(root / "exit.db")
-    build_database(backbone, encoder, task, db_uri=uri, dataset=train, batch_size=args.batch_size,
-                   show_progress=False)
+    summary = build_database(backbone, encoder, task, db_uri=uri, dataset=train,
+                             options=BuildOptions(batch_size=args.batch_size), show_progress=False)
     del backbone, encoder
     url = start_http(port=free_port())
-    config = ServeConfig(tasks=(task.name,), db_uri=uri)
+    config = ServeConfig(tasks=(task,), collections={task.name: summary.collection}, db_uri=uri, policy=args.policy)
     limits = Limits(max_batch_size=args.max_batch_size, max_texts=max(64, args.texts_per_request))
     handle = run_app(build_app(spec, config, cpus_per_replica=1.0, limits=limits), name="load-bench",
                      route_prefix="/")
@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="'tiny' (the tests' 4-layer llama) or a backbone name")
     parser.add_argument("--encoder", default="all-minilm-l6-v2")
     parser.add_argument("--n-train", type=int, default=64)
+    parser.add_argument("--policy", default="fused", help="the server's default exit policy")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--num-cpus", type=int, default=2)
