@@ -156,7 +156,7 @@ def test_several_builds_are_listed_with_how_to_pick_one(first_hour_db, data_dir)
     assert built.returncode == 0, built.stderr
     error = one_line(raee("explain", "a gem", *common))
     assert "2 exit databases for task sst2" in error and "fraction 0.003 (seed 0)" in error
-    assert "pick one with --collection NAME (or --fraction / --only-correct)" in error
+    assert "pick one with --collection NAME (or --fraction / --only-correct / --head)" in error
     out = raee("explain", "a gem", "--fraction", "0.002", "--json", *common)
     assert out.returncode == 0, out.stderr
     name = json.loads(built.stdout)[0]["collection"]
