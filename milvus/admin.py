@@ -23,6 +23,7 @@ from milvus.exit_db import (
     ExitDB,
     ExitDBError,
     ExitDBMeta,
+    database_label,
     milvus_errors,
     open_client,
     parse_meta,
@@ -58,7 +59,7 @@ class CollectionInfo:
 def list_collections(uri: str, *, token: str | None = None, timeout_s: float = 10.0) -> list[CollectionInfo]:
     """Every exit-database collection of the database at uri, by stable name then version; [] for none."""
     with open_client(uri, token=token, timeout_s=timeout_s, operation="list") as client:
-        stored = raee_collections(client, timeout_s=timeout_s)
+        stored = raee_collections(client, timeout_s=timeout_s, where=f"{database_label(uri)}.*")
         aliases = {p[VERSION_OF_PROPERTY] for p in stored.values() if VERSION_OF_PROPERTY in p}
         targets = {alias: resolve_alias(client, alias, timeout_s=timeout_s) for alias in aliases}
         found = []
@@ -95,7 +96,7 @@ def drop_build(uri: str, name: str, *, version: int | None = None, token: str | 
     """Delete the build `name` (its alias, every version and their blobs), or only its inactive `version`;
     the collections dropped. Milvus roles: only root may drop (milvus/roles.py)."""
     with open_client(uri, token=token, timeout_s=timeout_s, operation="drop") as client:
-        stored = raee_collections(client, timeout_s=timeout_s)
+        stored = raee_collections(client, timeout_s=timeout_s, where=f"{database_label(uri)}.*")
         versions = {c: version_number(name, c) for c, p in stored.items() if p.get(VERSION_OF_PROPERTY) == name}
         active = resolve_alias(client, name, timeout_s=timeout_s)
         if version is not None:

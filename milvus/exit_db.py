@@ -746,7 +746,7 @@ def list_exit_dbs(uri: str, *, token: str | None = None, timeout_s: float = 10.0
     if is_lite_uri(uri) and not os.path.exists(uri):
         return []
     with open_client(uri, token=token, timeout_s=timeout_s, operation="list") as client:
-        stored = raee_collections(client, timeout_s=timeout_s)
+        stored = raee_collections(client, timeout_s=timeout_s, where=f"{database_label(uri)}.*")
         found: list[StoredBuild] = []
         versions: dict[str, list[str]] = {}
         for name, properties in stored.items():
@@ -763,9 +763,12 @@ def list_exit_dbs(uri: str, *, token: str | None = None, timeout_s: float = 10.0
     return sorted(found, key=lambda b: b.collection)
 
 
-def raee_collections(client: MilvusClient, *, timeout_s: float = 10.0) -> dict[str, dict[str, str]]:
-    """{collection: its properties} for every collection of the client's database that holds exit records."""
-    with _Wrap("list", "*"):
+def raee_collections(client: MilvusClient, *, timeout_s: float = 10.0,
+                     where: str = "*") -> dict[str, dict[str, str]]:
+    """{collection: its properties} for every collection of the client's database that holds exit records.
+
+    where: how errors name the database ("team_a.*")."""
+    with _Wrap("list", where):
         names = sorted(client.list_collections(timeout=timeout_s))
     found = {}
     for name in names:
@@ -820,7 +823,8 @@ def _error_detail(exc: BaseException) -> str:
     detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
     if "permission deny" in detail.lower() or "PERMISSION_DENIED" in detail:
         detail = (f"permission denied, the token's role lacks this privilege ({detail}); raee_reader may search, "
-                  "raee_writer may also build, only root may drop (milvus/roles.py)")
+                  "raee_writer may also build, only root may drop, and a team's roles reach only the team's own "
+                  "database (milvus/roles.py)")
     return detail
 
 

@@ -30,6 +30,7 @@ from milvus.exit_db import (
     ExitDB,
     ExitDBError,
     _meta_json,
+    database_label,
     is_lite_uri,
     open_client,
     parse_meta,
@@ -145,7 +146,7 @@ def _refuse_to_mix(uri: str, name: str, meta_json: str, *, token: str | None) ->
     if is_lite_uri(uri) and not os.path.exists(uri):
         return
     with open_client(uri, token=token, operation="import") as client:
-        stored = raee_collections(client)
+        stored = raee_collections(client, where=f"{database_label(uri)}.*")
         active = resolve_alias(client, name)
     if name in stored and VERSION_OF_PROPERTY not in stored[name]:
         raise TransferError("import", name, f"{uri} has an unversioned collection of that name; import under "

@@ -36,6 +36,7 @@ from milvus.exit_db import (
     BuildVariant,
     ExitDBError,
     ExitDBMeta,
+    database_label,
     milvus_errors,
     open_client,
     parse_meta,
@@ -103,14 +104,15 @@ def version_number(name: str, collection: str) -> int | None:
 def list_versions(uri: str, name: str, *, token: str | None = None, timeout_s: float = 10.0) -> list[Version]:
     """The versions of the build `name` in the database at uri, oldest first ([] for none)."""
     with open_client(uri, token=token, timeout_s=timeout_s, operation="versions") as client:
-        return _versions(client, name, raee_collections(client, timeout_s=timeout_s), timeout_s)
+        stored = raee_collections(client, timeout_s=timeout_s, where=f"{database_label(uri)}.*")
+        return _versions(client, name, stored, timeout_s)
 
 
 def begin_version(uri: str, name: str, meta: ExitDBMeta, variant: BuildVariant, *, data_digest: str,
                   token: str | None = None, timeout_s: float = 10.0) -> BuildTarget:
     """The collection a build of `name` writes (rules 1-3 of the module docstring); creates nothing."""
     with open_client(uri, token=token, timeout_s=timeout_s, operation="begin build") as client:
-        stored = raee_collections(client, timeout_s=timeout_s)
+        stored = raee_collections(client, timeout_s=timeout_s, where=f"{database_label(uri)}.*")
         if name in stored:  # a collection, not an alias: built before versions, written in place
             return BuildTarget(name, name, {}, None)
         versions = _versions(client, name, stored, timeout_s)
@@ -148,7 +150,7 @@ def activate(uri: str, name: str, version: int | str, *, token: str | None = Non
     """Point the alias `name` at a version (its number or collection) in one step; the move is recorded for
     `rollback`. An incomplete version (its build never finished) is refused unless `force`."""
     with open_client(uri, token=token, timeout_s=timeout_s, operation="activate") as client:
-        versions = _versions_or_error(client, name, timeout_s)
+        versions = _versions_or_error(client, name, timeout_s, database_label(uri))
         wanted = version_collection(name, version) if isinstance(version, int) else version
         chosen = next((v for v in versions if v.collection == wanted or str(v.number) == str(version)), None)
         if chosen is None:
@@ -164,7 +166,7 @@ def rollback(uri: str, name: str, *, token: str | None = None, timeout_s: float 
 
     Repeated rollbacks walk further back through the recorded switches."""
     with open_client(uri, token=token, timeout_s=timeout_s, operation="rollback") as client:
-        versions = _versions_or_error(client, name, timeout_s)
+        versions = _versions_or_error(client, name, timeout_s, database_label(uri))
         active = next((v for v in versions if v.active), None)
         if active is None:
             raise VersionError("rollback", name, "no version is active, so there is nothing to roll back from; "
@@ -193,8 +195,8 @@ def _switch(client: MilvusClient, name: str, collection: str, timeout_s: float, 
     return Switch(name, before, collection)
 
 
-def _versions_or_error(client: MilvusClient, name: str, timeout_s: float) -> list[Version]:
-    stored = raee_collections(client, timeout_s=timeout_s)
+def _versions_or_error(client: MilvusClient, name: str, timeout_s: float, database: str) -> list[Version]:
+    stored = raee_collections(client, timeout_s=timeout_s, where=f"{database}.*")
     if name in stored and VERSION_OF_PROPERTY not in stored[name]:
         raise VersionError("versions", name, "it is a collection built before versioned builds, so it has no "
                                              "versions to switch between; rebuild it under another name "
