@@ -627,6 +627,7 @@ def add(
     from orchestration.pipelines import add_examples
 
     _setup_logging(quiet)
+    _quiet_milvus_client()
     one = parse_tasks(task)[0]
     added = add_examples(one, examples, model=_model(model, encoder, cache_dir, batch_size), db_uri=db, token=token,
                          selector=_selector(collection, fraction, only_correct, head), batch_size=batch_size)
@@ -652,6 +653,7 @@ def db_list(db: DbOpt = "./raee.db", token: TokenOpt = None, as_json: JsonOpt = 
     """
     from orchestration.pipelines import db_list as run_list
 
+    _quiet_milvus_client()
     rows = run_list(db, token=token)
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in rows]))
@@ -681,6 +683,7 @@ def db_describe(name: Annotated[str, typer.Argument(help="A build's name (its al
     """
     from orchestration.pipelines import db_describe as run_describe
 
+    _quiet_milvus_client()
     typer.echo(json.dumps(run_describe(name, db, token=token), indent=1))
 
 
@@ -700,6 +703,7 @@ def db_activate(name: Annotated[str, typer.Argument(help="The build's name (its 
     """
     from orchestration.pipelines import db_activate as run_activate
 
+    _quiet_milvus_client()
     switch = run_activate(name, version, db, token=token, force=force)
     typer.echo(f"{switch.name}: {switch.before or 'nothing'} -> {switch.after}")
 
@@ -717,6 +721,7 @@ def db_rollback(name: Annotated[str, typer.Argument(help="The build's name (its 
     """
     from orchestration.pipelines import db_rollback as run_rollback
 
+    _quiet_milvus_client()
     switch = run_rollback(name, db, token=token)
     typer.echo(f"{switch.name}: {switch.before} -> {switch.after}")
 
@@ -736,6 +741,7 @@ def db_drop(name: Annotated[str, typer.Argument(help="A build's name (its alias)
     """
     from orchestration.pipelines import db_drop as run_drop
 
+    _quiet_milvus_client()
     what = f"version {version} of {name}" if version else f"{name} (every version)"
     if not yes and not typer.confirm(f"drop {what} from {db}?", default=False):
         typer.echo("error: nothing dropped (answer y, or pass --yes)", err=True)
@@ -757,6 +763,7 @@ def db_export(name: Annotated[str, typer.Argument(help="A build's name (its alia
     """
     from orchestration.pipelines import db_export as run_export
 
+    _quiet_milvus_client()
     done = run_export(name, path, db, token=token)
     typer.echo(f"{done.n_records} records of {done.name} ({done.collection}) written to {done.path}")
 
@@ -776,9 +783,19 @@ def db_import(path: Annotated[str, typer.Argument(help="A parquet file written b
     """
     from orchestration.pipelines import db_import as run_import
 
+    _quiet_milvus_client()
     done = run_import(path, db, name=name, token=token)
     typer.echo(f"{done.n_records} records imported into {done.collection}" + (f"; {done.name} now points at it"
                                                                               if done.switched else ""))
+
+
+def _quiet_milvus_client() -> None:
+    """pymilvus logs every refused or failed RPC with a traceback on stderr (its own handler, set up when it is
+    imported); a known failure is one `error:` line here, so that log is off unless RAEE_DEBUG=1."""
+    import milvus.exit_db  # noqa: F401 - imports pymilvus, which configures its logger; then turn it down
+
+    if os.environ.get("RAEE_DEBUG") != "1":
+        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
 
 
 def _setup_logging(quiet: bool) -> None:
