@@ -237,7 +237,8 @@ def open_client(uri: str, *, token: str | None = None, timeout_s: float = 10.0,
         try:
             client = _new_client(uri, token, timeout_s)
         except MilvusException as exc:
-            raise ExitDBError(operation, "*", f"cannot connect to {uri!r}: {exc}") from exc
+            detail = _lite_busy(uri, exc) if lite_path is not None else f"cannot connect to {uri!r}: {exc}"
+            raise ExitDBError(operation, "*", detail) from exc
         try:
             yield client
         finally:
@@ -580,11 +581,7 @@ class ExitDB:
         except MilvusException as exc:
             if self._lite_path is not None:
                 _release_lite(self._lite_path)
-                detail = (
-                    f"cannot open Milvus Lite database {self.uri!r} ({exc}); it is most likely owned by "
-                    "another process: Milvus Lite allows one process per database, use a Milvus server "
-                    "(docker-compose.milvus.yml) for several writers"
-                )
+                detail = _lite_busy(self.uri, exc)
             else:
                 detail = f"cannot connect to {self.uri!r}: {exc}"
             raise ExitDBError("open", self.collection, detail) from exc
@@ -826,6 +823,12 @@ def _error_detail(exc: BaseException) -> str:
                   "raee_writer may also build, only root may drop, and a team's roles reach only the team's own "
                   "database (milvus/roles.py)")
     return detail
+
+
+def _lite_busy(uri: str, exc: BaseException) -> str:
+    return (f"cannot open Milvus Lite database {uri!r} ({exc}); it is most likely owned by another process: Milvus "
+            "Lite allows one process per database, use a Milvus server (docker-compose.milvus.yml) for several "
+            "writers")
 
 
 def _cap_text(text: str, max_bytes: int) -> str:

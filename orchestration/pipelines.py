@@ -350,8 +350,8 @@ def add_examples(task: Task, examples: str | os.PathLike[str] | Dataset, *, mode
         with_data(task, train=str(Path(examples).resolve()), format=None), "train")  # bad rows fail before any model
     if not len(data):
         raise ExitDatabaseError(f"no examples to add in {examples}")
-    build = choose_build(db_uri, task, model=model, token=token, selector=selector)
     try:
+        build = choose_build(db_uri, task, model=model, token=token, selector=selector)
         db = ExitDB(db_uri, collection=build.collection, meta=None, create=False, token=token)
     except ExitDBError as exc:
         if is_lite_uri(db_uri) and "owned by another process" in str(exc):
