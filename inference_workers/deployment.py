@@ -74,6 +74,7 @@ API_KEY_ENV = "RAEE_API_KEY"  # when set where build_app runs, every /v1/ reques
 TEXT_KEY_ENV = "RAEE_TEXT_KEY"  # neighbour_texts="key": the key that lets a request see neighbour texts
 WRITE_KEY_ENV = "RAEE_WRITE_KEY"  # the key POST /v1/examples needs in `x-write-key`
 NEIGHBOUR_TEXTS = ("off", "key", "on")
+_FOLLOW_TIMEOUT_S = 2.0  # asking where an alias points must not hold a batch long while Milvus is away
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 
 POLICY_NAMES = (*POLICIES, FULL_MODEL)
@@ -478,7 +479,7 @@ class RaeeServer:
             if entry.db.alias is None:
                 continue
             try:
-                if entry.db.resolve() == entry.db.collection:
+                if entry.db.resolve(timeout_s=_FOLLOW_TIMEOUT_S) == entry.db.collection:
                     continue
                 db = ExitDB(self.config.db_uri, collection=entry.db.alias, meta=None, create=False,
                             token=self.config.token)

@@ -519,10 +519,10 @@ class ExitDB:
             return None
         return base64.b64decode("".join(r["data"] for r in sorted(rows, key=lambda r: r["id"])))
 
-    def resolve(self) -> str:
+    def resolve(self, *, timeout_s: float | None = None) -> str:
         """The collection the name this handle was opened with points at now (an alias may have moved since)."""
         with self._op("resolve"):
-            desc = self._client.describe_collection(self.alias or self.collection, timeout=self.timeout_s)
+            desc = self._client.describe_collection(self.alias or self.collection, timeout=timeout_s or self.timeout_s)
         return str(desc["collection_name"])
 
     def drop(self) -> None:
