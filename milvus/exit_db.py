@@ -194,6 +194,10 @@ def split_uri(uri: str) -> tuple[str, str | None]:
     not name one (ValueError), because Lite has no authentication to keep teams apart."""
     match = _SERVER_URI.match(uri)
     if match is None:
+        if re.search(r"\.db/[^/]+/?$", uri):
+            raise ValueError(f"{uri!r} names a database inside a Milvus Lite file; Lite has no authentication, so a "
+                             "database would keep no team out: use one Lite file per team, or a server URI "
+                             "http://host:port/database")
         if re.match(r"^[a-z]+://", uri):
             raise ValueError(f"cannot read {uri!r} as a Milvus server URI (http://host:port or "
                              "http://host:port/database)")
@@ -217,8 +221,11 @@ _lite_refs_lock = threading.Lock()
 
 
 def _new_client(uri: str, token: str | None, timeout_s: float) -> MilvusClient:
-    """A MilvusClient on the URI's database; raises MilvusException (callers wrap it)."""
-    address, db = split_uri(uri)
+    """A MilvusClient on the URI's database; raises MilvusException (callers wrap it), ExitDBError for a bad URI."""
+    try:
+        address, db = split_uri(uri)
+    except ValueError as exc:
+        raise ExitDBError("open", "*", str(exc)) from exc
     return MilvusClient(uri=address, token=token or "", timeout=timeout_s, **({"db_name": db} if db else {}))
 
 

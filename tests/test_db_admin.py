@@ -158,8 +158,8 @@ def test_split_uri_names_a_database_only_on_a_server():
     assert split_uri("http://127.0.0.1:19530/team_a") == ("http://127.0.0.1:19530", "team_a")
     assert split_uri("https://milvus.example.org:443/team_b/") == ("https://milvus.example.org:443", "team_b")
     assert split_uri("./raee.db") == ("./raee.db", None)
-    for bad in ("http://127.0.0.1:19530/team-a", "http://h:1/a/b", "ftp://x"):
-        with pytest.raises(ValueError, match=r"database name|Milvus server URI"):
+    for bad in ("http://127.0.0.1:19530/team-a", "http://h:1/a/b", "ftp://x", "./raee.db/team_a"):
+        with pytest.raises(ValueError, match=r"database name|Milvus server URI|one Lite file per team"):
             split_uri(bad)
 
 
