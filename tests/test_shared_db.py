@@ -4,7 +4,8 @@ examples added by another process.
 Clients query continuously while the build is rebuilt into a new version, switched in, and rolled back: not
 one request fails, and every prediction equals the in-process answer of the one version it names. Then
 `raee add` (another process than the replica) writes an example and returns; the very next request finds it;
-a rebuild carries it into the new version.
+a rebuild carries it into the new version. The replica holds a read-only role's token, so POST /v1/examples
+is refused by Milvus and answers 403 naming the missing writer token.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from inference_workers.deployment import build_app, delete_app, run_app
 from inference_workers.engine import BatchEngine
 from milvus.admin import drop_build
 from milvus.exit_db import ExitDB, ExitDBError
+from milvus.roles import create_roles, drop_roles
 from milvus.versions import rollback
 from orchestration.pipelines import BuildSelector
 from orchestration.pipelines import add_examples as add_pipeline
@@ -35,6 +37,9 @@ from tests.test_live_growth import POLICY, SST2, changing_example, train_set
 pytestmark = [pytest.mark.serve, pytest.mark.milvus_server, pytest.mark.reliability]
 
 NAME, APP, ROUTE = "shared_sst2", "raee-shared", "/shared"
+ROLES = {"reader_user": "s_reader", "writer_user": "s_writer", "reader_role": "s_reader_role",
+         "writer_role": "s_writer_role"}  # not the default names: leave a shared server's real roles alone
+WRITE_KEY = "w-key-shared"
 QUERIES = SENTENCES[:4]
 TIMEOUT_S = 60
 
@@ -56,20 +61,28 @@ def answers(uri: str, token: str, collection: str) -> list[tuple[int, int, tuple
 
 @pytest.fixture(scope="module")
 def shared_reused(milvus_server_uri, milvus_server_token, serve_url_reused):
-    """(base URL, server uri, token, first version) with NAME built once and served through its alias."""
+    """(base URL, server uri, root token, first version): NAME built once with root, served through its alias by a
+    replica holding a read-only role's token (and the write key, but no writer token)."""
     uri, token = milvus_server_uri, milvus_server_token
+    if token is None:
+        pytest.skip("the server under test has no authentication")
     try:
         drop_build(uri, NAME, token=token)
     except ExitDBError:
         pass
+    drop_roles(uri, token, **ROLES)
+    reader = create_roles(uri, token, reader_password="s-reader-1", writer_password="s-writer-1", **ROLES)["reader"]
     first = build(uri, token, flip=False)
-    config = serve_config(uri, {SST2: NAME}, token=token, policy="raee", knobs=RAEE_KNOBS, recorder=add_examples,
-                          version_check_s=0.5)
+    config = serve_config(uri, {SST2: NAME}, token=reader, policy="raee", knobs=RAEE_KNOBS, recorder=add_examples,
+                          write_key=WRITE_KEY, version_check_s=0.5)
     run_app(build_app(ModelSpec(factory=tiny_llama_models), config, cpus_per_replica=ACTOR_CPUS), name=APP,
             route_prefix=ROUTE)
-    yield f"{serve_url_reused}{ROUTE}", uri, token, first
-    delete_app(APP)
-    drop_build(uri, NAME, token=token)
+    try:
+        yield f"{serve_url_reused}{ROUTE}", uri, token, first
+    finally:
+        delete_app(APP)
+        drop_build(uri, NAME, token=token)
+        drop_roles(uri, token, **ROLES)
 
 
 class Clients:
@@ -165,9 +178,13 @@ def test_an_example_added_by_another_process_is_found_by_the_next_request_and_su
     assert got["neighbours"][0]["id"] == added.ids[0] and got["neighbours"][0]["distance"] < 1e-4
     assert got["exit_layer"] == after != before
     assert got["neighbours"][0]["text"] is None  # neighbour texts are off by default
-    refused = requests.post(f"{url}/v1/examples", json={"task": "sst2", "texts": ["x"], "labels": ["1"]},
-                            headers={"x-write-key": "anything"}, timeout=TIMEOUT_S)
-    assert refused.status_code == 403 and "adding examples is off" in refused.json()["detail"]
+    example = {"task": "sst2", "texts": ["a new line"], "labels": ["1"]}
+    no_key = requests.post(f"{url}/v1/examples", json=example, timeout=TIMEOUT_S)
+    assert no_key.status_code == 401 and "x-write-key" in no_key.json()["detail"]
+    refused = requests.post(f"{url}/v1/examples", json=example, headers={"x-write-key": WRITE_KEY}, timeout=TIMEOUT_S)
+    detail = refused.json()["detail"]  # the replica holds a reader's token: Milvus refuses, the route says so
+    assert refused.status_code == 403 and "the server's Milvus token may not write" in detail, detail
+    assert "PrivilegeUpsert" in detail and "--write-token" in detail
     report(f"live growth (server): raee add returned {added.seconds_to_visible:.3f} s after its write, once an "
            "Eventually read saw it; the replica's next request retrieved it (no retry)")
 
