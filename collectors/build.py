@@ -11,6 +11,15 @@ so a repeated or resumed build rewrites the same rows instead of adding new ones
 Which examples a build holds (a seeded fraction, only the ones the full model gets right) is its
 `BuildVariant`, recorded with the collection: later commands find the build without repeating the options.
 
+Versions: a build writes a version of its collection and switches the collection's alias to it only after the
+exact-count check (milvus/versions.py), so queries never see a half-built database; a re-run over the same
+training data rewrites the version it built (idempotent), other data makes a new version. Examples added to
+the served version since (`add_examples`) are carried into the new one.
+
+Live growth: `add_examples` records labelled examples added to a built database with the same per-batch code,
+the database's stored exit head and raw distributions (its stored calibration applies to them as to the
+build's records), under content ids (milvus.added.added_ids), and returns once readers can see them.
+
 Exit heads: `head="lm"` reads each layer through the LM head's label words (the paper). `head="offramp"` fits
 one linear off-ramp per layer on the answer-position states of a seeded sample of the training examples
 (raee/offramps.py); the sample's records get cross-fitted distributions (from off-ramps that never saw the
@@ -21,17 +30,28 @@ queried with the head it was built with.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from milvus.exit_db import BuildVariant, ExitDB, ExitDBMeta, Metric, collection_name, setup_meta
+from milvus.added import AddedExamples, added_ids, carry_added, count_added, wait_visible
+from milvus.exit_db import (
+    BuildVariant,
+    ExitDB,
+    ExitDBMeta,
+    MetadataMismatchError,
+    Metric,
+    collection_name,
+    setup_meta,
+)
 from milvus.index import IndexConfig
+from milvus.versions import BuildTarget, begin_version, finish_version
 from raee.backbones import Backbone
 from raee.calibration import Calibration, fit_calibration
 from raee.exit_policy import exit_sets
@@ -94,6 +114,7 @@ class BuildSummary:
     full_model_accuracy: float  # share of processed examples the last layer classifies correctly
     seconds: float
     examples_per_s: float
+    version: str = ""  # the collection written: a version of `collection` (its alias), or `collection` itself
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -226,11 +247,13 @@ def build_database(
     if options.head == "offramp":
         ordered = dataset.take(build_rows(dataset, options.variant))
         head, known = fit_head(backbone, ordered, options, show_progress=show_progress)
-    data, meta, collection = prepare(backbone, encoder, task, dataset, options, head)
+    data, meta, name = prepare(backbone, encoder, task, dataset, options, head)
+    target = begin_version(db_uri, name, meta, options.variant, data_digest=data_digest(data), token=token)
+    collection = target.collection
     calibration, known = fit_build_calibration(backbone, data, options, known=known, show_progress=show_progress)
     n_records = n_no_correct = n_full_correct = 0
     with ExitDB(db_uri, collection=collection, meta=meta, variant=options.variant, token=token,
-                index=options.index, calibration=calibration) as db:
+                index=options.index, calibration=calibration, properties=target.properties) as db:
         if head is not None:
             db.put_blob("head", head.to_bytes())
         for records, probs in record_batches(backbone, encoder, data, batch_size=options.batch_size,
@@ -239,10 +262,77 @@ def build_database(
             n_records += db.upsert(records)
             n_no_correct += int((probs == 0).all(axis=1).sum())
             n_full_correct += int((probs[:, -1] > 0).sum())
+        n_added = carry_over(db_uri, target, db, token=token)
         db.flush()
         n_in_db = db.count()
-    return summarize(task, collection, options.variant, len(data), n_records, n_in_db, n_no_correct, n_full_correct,
-                     time.perf_counter() - start)
+    finish_version(db_uri, target, expected=n_records + n_added, counted=n_in_db, token=token)
+    summary = summarize(task, name, options.variant, len(data), n_records, n_in_db, n_no_correct, n_full_correct,
+                        time.perf_counter() - start)
+    return replace(summary, version=collection)
+
+
+def data_digest(data: Dataset) -> str:
+    """sha256 of the examples a build processes, in its order: texts, pairs, labels and file positions.
+
+    Stored with each version: a re-run over the same examples rewrites that version instead of making a new one."""
+    digest = hashlib.sha256()
+    for part in (data.texts, data.pairs or (), [str(v) for v in data.labels.tolist()],
+                 [str(v) for v in data.example_idx.tolist()]):
+        digest.update("\x1e".join(part).encode("utf-8", "surrogatepass"))
+        digest.update(b"\x1d")
+    return digest.hexdigest()[:16]
+
+
+def carry_over(db_uri: str, target: BuildTarget, db: ExitDB, *, token: str | None = None) -> int:
+    """Added examples `db` holds after a build wrote its training records: carried from the version the alias
+    pointed at into a new version, or already there when the build rewrote that version in place."""
+    if not target.versioned:
+        return 0
+    if target.collection == target.active:
+        return count_added(db_uri, db.collection, token=token)
+    return carry_added(db_uri, target.active, db, token=token)
+
+
+def add_examples(backbone: Backbone, encoder: KeyEncoder, db: ExitDB, data: Dataset, *, head: ExitHead | None = None,
+                 batch_size: int = 32, token: str | None = None, visible_timeout_s: float = 60.0) -> AddedExamples:
+    """Record labelled examples into the built database `db` (live growth) and return once readers see them.
+
+    Each example gets the record a build would compute (same backbone, key encoder and exit head, raw layer
+    distributions) under its content id, so adding the same text and label again changes nothing. A build
+    made with --only-correct keeps only the examples the full model gets right, as the build did.
+    token: the Milvus token `db` writes with, for the visibility check."""
+    task = data.task
+    expected = setup_meta(backbone, encoder, task, head=db.meta.head, metric=db.meta.metric)
+    if expected != db.meta:
+        raise MetadataMismatchError(db.collection, db.meta, expected)
+    head_name = head.name if head is not None else "lm"
+    if head_name != db.meta.head:
+        raise ValueError(f"exit database {db.collection!r} was built with head {db.meta.head!r}, given {head_name!r}; "
+                         "pass the stored head (inference_workers.engine.stored_head)")
+    ids = added_ids(task.name, data.texts, data.pairs, [task.label_values[i] for i in data.labels])  # (N,)
+    _, first = np.unique(ids, return_index=True)
+    first = np.sort(first)  # each distinct example once, in the order given
+    stored = set(db.get(ids[first]).ids.tolist())
+    todo = np.array([i for i in first if int(ids[i]) not in stored], dtype=np.int64)
+    written: list[int] = []
+    offset = 0
+    for records, probs in record_batches(backbone, encoder, data.take(todo), batch_size=batch_size, head=head):
+        batch_ids = ids[todo[offset : offset + len(records)]]  # (b,) the content ids, for record_ids' row ids
+        offset += len(records)
+        keep = probs[:, -1] > 0 if db.variant.only_correct else np.ones(len(records), dtype=bool)
+        db.upsert(_select(replace(records, ids=batch_ids), keep))
+        written += batch_ids[keep].tolist()
+    visible = wait_visible(db.uri, db.collection, np.asarray(written, np.int64), token=token,
+                           timeout_s=visible_timeout_s)
+    return AddedExamples(task.name, db.collection, tuple(int(i) for i in ids), len(written), len(first) - len(todo),
+                         len(todo) - len(written), visible)
+
+
+def _select(records: ExitRecords, keep: np.ndarray) -> ExitRecords:
+    rows = np.flatnonzero(keep)
+    return ExitRecords(ids=records.ids[rows], vectors=records.vectors[rows], exit_probs=records.exit_probs[rows],
+                       labels=records.labels[rows], texts=tuple(records.texts[i] for i in rows),
+                       layer_probs=None if records.layer_probs is None else records.layer_probs[rows])
 
 
 def summarize(task: Task, collection: str, variant: BuildVariant, n: int, n_records: int, n_in_db: int,

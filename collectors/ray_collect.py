@@ -12,7 +12,8 @@ Resuming is cheap and safe: record ids are deterministic and writes are upserts,
 whose ids are all stored already and any shard may be run twice. (With only_correct a shard is skipped only
 when all its examples were kept, so most shards of such a build run again, harmlessly.) A killed actor is
 restarted by Ray (`max_restarts`) and its unfinished shards are retried (`max_task_retries`). At the end
-the driver checks that every collection holds exactly the records this build should have written.
+the driver checks that every collection holds exactly the records this build should have written, and only
+then switches the build's alias to the version it wrote (milvus/versions.py, as `build_database` does).
 """
 
 from __future__ import annotations
@@ -21,14 +22,25 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import ray
 from tqdm.auto import tqdm
 
-from collectors.build import BuildOptions, BuildSummary, build_rows, fit_head, prepare, record_batches, summarize
+from collectors.build import (
+    BuildOptions,
+    BuildSummary,
+    build_rows,
+    carry_over,
+    data_digest,
+    fit_head,
+    prepare,
+    record_batches,
+    summarize,
+)
 from milvus.exit_db import BuildVariant, ExitDB, ExitDBMeta, is_lite_uri
+from milvus.versions import BuildTarget, begin_version, finish_version
 from raee.calibration import Calibration, fit_calibration
 from raee.heads import ExitHead
 from raee.records import ExitRecords, record_ids
@@ -185,6 +197,7 @@ class _Plan:
     n_records: int = 0
     n_no_correct: int = 0
     n_full_correct: int = 0
+    target: BuildTarget | None = None  # the version written and the alias it is switched in under
 
 
 class CollectorPool:
@@ -286,7 +299,7 @@ class CollectorPool:
             n_skipped = self._run(plans, db_uri=db_uri, token=token, options=options, timeout_s=timeout_s,
                                   show_progress=show_progress, on_shard=on_shard)
             seconds = time.perf_counter() - start
-            summaries = tuple(self._finish(plan, seconds) for plan in plans)
+            summaries = tuple(self._finish(plan, seconds, token) for plan in plans)
         finally:
             for plan in plans:
                 plan.db.close()
@@ -322,8 +335,10 @@ class CollectorPool:
         else:
             calibration = fit_calibration(ray.get(self.actors[0].layer_probs.remote(data.take(np.arange(n_cal))),
                                                   timeout=timeout_s))
+        target = begin_version(db_uri, collection, meta, options.variant, data_digest=data_digest(data), token=token)
+        collection = target.collection
         db = ExitDB(db_uri, collection=collection, meta=meta, variant=options.variant, token=token,
-                    index=options.index, calibration=calibration)  # creates it once, here
+                    index=options.index, calibration=calibration, properties=target.properties)  # created once, here
         if head is not None:
             db.put_blob("head", head.to_bytes())
         data_ref = ray.put(data)  # shared by every shard of the task
@@ -331,7 +346,7 @@ class CollectorPool:
                   for lo in range(0, len(data), shard_size)]
         return _Plan(task, data.split, len(data), data.example_idx, data_ref, collection, meta, options.variant,
                      shards, db, db.calibration, None if head is None else ray.put(head),
-                     None if known is None else ray.put(known))
+                     None if known is None else ray.put(known), target=target)
 
     def _run(self, plans: list[_Plan], *, db_uri: str, token: str | None, options: BuildOptions, timeout_s: float,
              show_progress: bool, on_shard: Callable[[ShardResult], None] | None) -> int:
@@ -398,15 +413,18 @@ class CollectorPool:
         return True
 
     @staticmethod
-    def _finish(plan: _Plan, seconds: float) -> BuildSummary:
-        """Flush, then check the collection holds exactly this build's records."""
+    def _finish(plan: _Plan, seconds: float, token: str | None) -> BuildSummary:
+        """Carry added examples over, flush, check the collection holds exactly this build's records, switch."""
+        n_added = carry_over(plan.db.uri, plan.target, plan.db, token=token)
         plan.db.flush()
         n_in_db = plan.db.count()
-        if n_in_db != plan.n_records:
+        if n_in_db != plan.n_records + n_added:
             raise CollectionError(
                 f"collection {plan.collection!r} holds {n_in_db} records but this {plan.task.name} build wrote "
-                f"{plan.n_records} for {plan.n_examples} examples; records from another build are mixed in "
-                "(drop the collection or use another database)")
+                f"{plan.n_records} for {plan.n_examples} examples (and {n_added} added examples); records from "
+                "another build are mixed in (drop the collection or use another database)")
+        finish_version(plan.db.uri, plan.target, expected=n_in_db, counted=n_in_db, token=token)
         log.info("%s: %d records in %s for %d examples", plan.task.name, n_in_db, plan.collection, plan.n_examples)
-        return summarize(plan.task, plan.collection, plan.variant, plan.n_examples, plan.n_records, n_in_db,
-                         plan.n_no_correct, plan.n_full_correct, seconds)
+        summary = summarize(plan.task, plan.target.name, plan.variant, plan.n_examples, plan.n_records, n_in_db,
+                            plan.n_no_correct, plan.n_full_correct, seconds)
+        return replace(summary, version=plan.collection)

@@ -3,12 +3,27 @@
     POST /v1/classify {"task": "sst2", "texts": ["..."], "explain": false, "policy": null}
          -> {"task", "predictions": [{"label", "label_word", "exit_layer", "probs", "policy", "neighbours"?,
              "truncated"}]}
-    GET  /v1/tasks    the served tasks, their label words, policies and database sizes
+    POST /v1/examples {"task": "sst2", "texts": ["..."], "labels": ["1"]}   (live growth; needs the write key)
+         -> {"task", "collection", "ids", "added", "existing", "skipped", "seconds_to_visible"}
+    GET  /v1/tasks    the served tasks, their label words, policies, database sizes and versions
     GET  /healthz     200 once the replica has loaded its models and databases; limits and policies
     GET  /openapi.json  the API schema (no /docs page: Swagger UI would load its assets from a CDN)
 
-With an API key (`ServeConfig.api_key`, else $RAEE_API_KEY where `build_app` runs) the /v1/ routes answer 401
-unless the request carries it in the `x-api-key` header; /healthz and the OpenAPI pages stay open.
+Permissions, each a separate key (compared in constant time; none is ever echoed):
+- classify: with an API key (`ServeConfig.api_key`, else $RAEE_API_KEY where `build_app` runs) the /v1/ routes
+  answer 401 unless the request carries it in `x-api-key`; /healthz and the OpenAPI pages stay open.
+- neighbour texts (`neighbour_texts`): "off" (the default) - explanations carry the neighbours' ids, labels,
+  distances and exit layers, never their training texts, which on a shared database are another team's
+  data; "key" - texts only for requests with the text key in `x-text-key` (`text_key`, else $RAEE_TEXT_KEY);
+  "on" - for every caller who may classify (one user's own database).
+- add examples: POST /v1/examples needs the write key in `x-write-key` (`write_key`, else $RAEE_WRITE_KEY);
+  without one configured the route answers 403. On a Milvus server the replica writes with `write_token`
+  (a writer role's token; default: `token`); a token that may not write is a 403 naming it.
+
+Versions: a task's collection may be the alias of a versioned build (milvus/versions.py). A replica pins each
+batch to one version: before a batch, at most every `version_check_s`, it asks where the alias points and,
+when it moved (a rebuild finished, `raee db activate`/`rollback`), opens that version with its calibration
+and exit head and answers from it; every prediction names the version (`collection`) that answered.
 
 A replica is an ordinary class: it loads the backbone, key encoder and one exit database per task in
 `__init__` (several tasks share one backbone), and answers in `classify`. Tasks arrive as `Task` objects in
@@ -28,10 +43,13 @@ import asyncio
 import hmac
 import math
 import os
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import ray
 from fastapi import FastAPI, Header, HTTPException
 from fastapi import Request as HTTPRequest
@@ -42,16 +60,21 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from inference_workers.engine import FULL_MODEL, BatchEngine, Request, Response, ServedTask
+from inference_workers.engine import FULL_MODEL, BatchEngine, EngineSetupError, Request, Response, ServedTask
+from milvus.added import AddedExamples
 from milvus.exit_db import ExitDB, ExitDBError, is_lite_uri
 from raee import __version__
 from raee.exit_policy import DEFAULT_POLICY, POLICIES, all_policies
 from raee.keys import check_texts
 from raee.spec import ModelSpec
-from raee.tasks import Task
+from raee.tasks import Dataset, Task
 
 APP_NAME = "raee"
 API_KEY_ENV = "RAEE_API_KEY"  # when set where build_app runs, every /v1/ request needs it in `x-api-key`
+TEXT_KEY_ENV = "RAEE_TEXT_KEY"  # neighbour_texts="key": the key that lets a request see neighbour texts
+WRITE_KEY_ENV = "RAEE_WRITE_KEY"  # the key POST /v1/examples needs in `x-write-key`
+NEIGHBOUR_TEXTS = ("off", "key", "on")
+_FOLLOW_TIMEOUT_S = 2.0  # asking where an alias points must not hold a batch long while Milvus is away
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 
 POLICY_NAMES = (*POLICIES, FULL_MODEL)
@@ -74,10 +97,13 @@ class ClassifyRequest(BaseModel):
 
 class NeighbourOut(BaseModel):
     id: int
-    text: str
+    text: str | None = Field(None, description="The neighbour's training text: only for callers with the "
+                                               "neighbour-text permission (GET /healthz: neighbour_texts).")
     label: int
     label_word: str
     distance: float = Field(description="Smaller is closer (squared L2 for the default metric).")
+    exit_layers: list[int] = Field(description="The layers at which this neighbour's record says the model is "
+                                               "right (its exit set, under the answering policy's view).")
 
 
 class PredictionOut(BaseModel):
@@ -90,6 +116,8 @@ class PredictionOut(BaseModel):
     neighbours: list[NeighbourOut] | None = None
     truncated: bool = Field(False, description="The text was longer than the model's context and was cut to fit "
                                                "(the prediction saw only its beginning).")
+    collection: str | None = Field(None, description="The exit-database version whose records chose the exit "
+                                                     "(null for the 'full' policy, which retrieves nothing).")
 
 
 class ClassifyResponse(BaseModel):
@@ -97,11 +125,32 @@ class ClassifyResponse(BaseModel):
     predictions: list[PredictionOut]
 
 
+class AddExamplesRequest(BaseModel):
+    """Labelled examples to add to a served task's exit database (live growth)."""
+
+    task: str = Field(description="A served task name.", examples=["sst2"])
+    texts: list[str] = Field(description="The examples' texts.", examples=[["a gripping film ."]])
+    labels: list[str] = Field(description="One label per text: a label value as the task's data spells it (or its "
+                                          "label word).", examples=[["1"]])
+    text_pairs: list[str] | None = Field(None, description="For pair tasks: the second text of each example.")
+
+
+class AddExamplesResponse(BaseModel):
+    task: str
+    collection: str = Field(description="The exit-database version written.")
+    ids: list[int] = Field(description="One record id per example (from its content: the same example, the same id).")
+    added: int = Field(description="Examples written now.")
+    existing: int = Field(description="Examples stored already with the same text and label: nothing changed.")
+    skipped: int = Field(description="Examples left out: the database keeps only examples the full model gets right.")
+    seconds_to_visible: float = Field(description="From the write until every new record was readable.")
+
+
 class TaskInfo(BaseModel):
     name: str
     label_words: list[str]
     pairs: bool = Field(description="Whether requests must send text_pairs.")
     collection: str
+    version: str = Field(description="The collection answering now: a version of `collection` when that is an alias.")
     build: str = Field(description="Which training examples the exit database holds.")
     head: str
     n_records: int
@@ -118,9 +167,17 @@ class Health(BaseModel):
     limits: dict[str, int | float] = Field(description="Request and batching limits: max_texts, "
                                                        "max_text_chars, max_batch_size, batch_wait_timeout_s.")
     batches: dict[str, int] = Field(description="Engine calls so far: n, texts, largest (texts in one call).")
+    neighbour_texts: str = Field(description="Who sees neighbours' training texts: off, key (x-text-key) or on.")
+    adds_examples: bool = Field(description="POST /v1/examples is on (a write key is configured).")
+    versions: dict[str, str] = Field(description="Per task, the exit-database version answering now.")
+    version_errors: dict[str, str] = Field(description="Per task, why the replica did not switch to the version "
+                                                       "its alias points at (it keeps answering from the old one).")
 
 
 ApiKeyHeader = Annotated[str | None, Header(description=f"The server's API key, when it has one (${API_KEY_ENV}).")]
+TextKeyHeader = Annotated[str | None, Header(description="The neighbour-text key: explanations then carry the "
+                                                         "neighbours' training texts.")]
+WriteKeyHeader = Annotated[str | None, Header(description=f"The write key (${WRITE_KEY_ENV}) POST /v1/examples needs.")]
 
 
 class ServeSetupError(RuntimeError):
@@ -135,19 +192,33 @@ class ServeConfig:
     """What a replica serves: tasks (objects, not names), the collection of each, and the exit policies.
 
     knobs: the policies' parameters (k, tau, beta, slack; each policy takes those it accepts); policy: the
-    default for requests that name none."""
+    default for requests that name none. The permissions (neighbour_texts and its text_key, write_key,
+    write_token) are described in the module docstring. recorder: the function that records added examples
+    (collectors.build.add_examples), handed in by the driver because inference_workers may not import
+    collectors; None turns POST /v1/examples off."""
 
     tasks: tuple[Task, ...]
     collections: dict[str, str]  # task name -> collection (chosen by the driver, see orchestration.pipelines)
     db_uri: str = "./raee.db"
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     policy: str = DEFAULT_POLICY
     knobs: dict[str, float] = field(default_factory=dict)
     api_key: str | None = field(default=None, repr=False)  # None: $RAEE_API_KEY at build_app, else no key needed
+    neighbour_texts: Literal["off", "key", "on"] = "off"
+    text_key: str | None = field(default=None, repr=False)  # None: $RAEE_TEXT_KEY at build_app
+    write_key: str | None = field(default=None, repr=False)  # None: $RAEE_WRITE_KEY at build_app, else no writes
+    write_token: str | None = field(default=None, repr=False)  # Milvus token for writes; None: token
+    recorder: Callable[..., AddedExamples] | None = field(default=None, repr=False)
+    version_check_s: float = 1.0  # how often (at most) a replica asks where each alias points
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ServeSetupError(f"unknown exit policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.neighbour_texts not in NEIGHBOUR_TEXTS:
+            raise ServeSetupError(f"neighbour_texts must be one of {', '.join(NEIGHBOUR_TEXTS)}, got "
+                                  f"{self.neighbour_texts!r}")
+        if self.version_check_s < 0:
+            raise ServeSetupError(f"version_check_s must be >= 0, got {self.version_check_s}")
         missing = [t.name for t in self.tasks if t.name not in self.collections]
         if missing:
             raise ServeSetupError(f"no collection chosen for task(s) {missing}")
@@ -169,15 +240,36 @@ class Limits:
 
 
 
-def _prediction(response: Response, explain: bool) -> PredictionOut:
+def _prediction(response: Response, explain: bool, collection: str | None) -> PredictionOut:
     # Defined before RaeeServer: @serve.ingress captures the class with the globals that exist at that point.
     neighbours = None
     if explain and response.neighbours is not None:
         neighbours = [NeighbourOut(id=n.id, text=n.text, label=n.label, label_word=n.label_word,
-                                   distance=n.distance) for n in response.neighbours]
+                                   distance=n.distance, exit_layers=[i for i, p in enumerate(n.exit_probs) if p > 0])
+                      for n in response.neighbours]
     return PredictionOut(label=response.label, label_word=response.label_word, exit_layer=response.exit_layer,
                          probs=list(response.probs), policy=response.policy, neighbours=neighbours,
-                         truncated=response.truncated)
+                         truncated=response.truncated, collection=None if response.policy == FULL_MODEL else collection)
+
+
+def _key_matches(given: str | None, expected: str | None) -> bool:
+    """A configured key and the request's header agree (constant-time). Before RaeeServer, as above."""
+    return bool(expected and given and hmac.compare_digest(given.encode(), expected.encode()))
+
+
+def _label_indices(task: Task, labels: Sequence[str]) -> np.ndarray:
+    """Class indices of label values ("1"), or of label words ("great", any case); HTTPException 422 else.
+    Before RaeeServer, as above."""
+    by_value = {v: i for i, v in enumerate(task.label_values)}
+    by_word = {w.strip().lower(): i for i, w in enumerate(task.words)}
+    out = np.empty(len(labels), dtype=np.int64)
+    for i, label in enumerate(labels):
+        index = by_value.get(label.strip(), by_word.get(label.strip().lower()))
+        if index is None:
+            raise HTTPException(422, f"label {i} {label!r} is not one of task {task.name}'s label values "
+                                     f"{list(task.label_values)} (or words {list(task.words)})")
+        out[i] = index
+    return out
 
 
 def _served_name(asked: str, served: Sequence[str]) -> str | None:
@@ -239,6 +331,11 @@ class RaeeServer:
         self.batches = {"n": 0, "texts": 0, "largest": 0}
         self.errors: list[str] = []  # tasks that cannot be served, with why
         self.dbs: dict[str, ExitDB] = {}
+        self.retired: list[ExitDB] = []  # versions switched away from, closed at the next switch
+        self.writers: dict[str, ExitDB] = {}  # task -> handle that writes added examples (write_token)
+        self.version_errors: dict[str, str] = {}
+        self._lock = threading.Lock()  # one engine call or add at a time: they share the models and the handles
+        self._next_version_check = 0.0
         served: dict[str, ServedTask] = {}
         try:
             for task in config.tasks:
@@ -276,7 +373,10 @@ class RaeeServer:
         backbone = self.engine.backbone
         return Health(backbone=backbone.name, encoder=self.engine.encoder.name, n_layers=backbone.n_layers,
                       tasks=list(self.engine.served), default_policy=self.engine.default_policy,
-                      policies=list(POLICY_NAMES), limits=dict(self.limits.__dict__), batches=dict(self.batches))
+                      policies=list(POLICY_NAMES), limits=dict(self.limits.__dict__), batches=dict(self.batches),
+                      neighbour_texts=self.config.neighbour_texts, adds_examples=self._writes_on(),
+                      versions={name: e.db.collection for name, e in self.engine.served.items()},
+                      version_errors=dict(self.version_errors))
 
     @app.get("/v1/tasks")
     def tasks(self, x_api_key: ApiKeyHeader = None) -> list[TaskInfo]:
@@ -284,31 +384,125 @@ class RaeeServer:
         self._authorize(x_api_key)
         style = self.engine.backbone.style
         return [TaskInfo(name=name, label_words=list(entry.task.label_words(style)), pairs=entry.task.has_pairs,
-                         collection=entry.db.collection, build=entry.db.variant.describe(), head=entry.db.meta.head,
-                         n_records=entry.db.count()) for name, entry in self.engine.served.items()]
+                         collection=entry.db.alias or entry.db.collection, version=entry.db.collection,
+                         build=entry.db.variant.describe(), head=entry.db.meta.head, n_records=entry.db.count())
+                for name, entry in self.engine.served.items()]
 
     @app.post("/v1/classify")
-    async def classify(self, body: ClassifyRequest, x_api_key: ApiKeyHeader = None) -> ClassifyResponse:
+    async def classify(self, body: ClassifyRequest, x_api_key: ApiKeyHeader = None,
+                       x_text_key: TextKeyHeader = None) -> ClassifyResponse:
         """Classify texts of one task; 4xx with a one-line `detail` when the request cannot be served."""
         self._authorize(x_api_key)
-        items = self._check(body)
+        texts_allowed = self.config.neighbour_texts == "on" or (
+            self.config.neighbour_texts == "key" and _key_matches(x_text_key, self.config.text_key))
+        items = [replace(item, neighbour_texts=texts_allowed) for item in self._check(body)]
         try:
             answers = await asyncio.gather(*(self._classify_batch(item) for item in items))
         except ExitDBError as exc:  # Milvus down or restarting: a retryable 503 naming it, not a 500
             raise HTTPException(503, f"exit database {self.config.db_uri} is unavailable, retry later: {exc}",
                                 headers={"Retry-After": "5"}) from exc
-        return ClassifyResponse(task=items[0].task, predictions=[_prediction(a, body.explain) for a in answers])
+        return ClassifyResponse(task=items[0].task, predictions=[_prediction(a, body.explain, collection)
+                                                                 for a, collection in answers])
+
+    @app.post("/v1/examples")
+    async def add_examples(self, body: AddExamplesRequest, x_api_key: ApiKeyHeader = None,
+                           x_write_key: WriteKeyHeader = None) -> AddExamplesResponse:
+        """Add labelled examples to a served task's exit database; later classify requests retrieve them.
+
+        401 without the write key (x-write-key), 403 where writes are off or Milvus refuses the replica's token."""
+        self._authorize(x_api_key)
+        if not self._writes_on():
+            raise HTTPException(403, "adding examples is off on this server: start it with a write key "
+                                     f"(${WRITE_KEY_ENV}) to turn POST /v1/examples on")
+        if not _key_matches(x_write_key, self.config.write_key):
+            raise HTTPException(401, "missing or wrong write key: send it in the x-write-key header",
+                                headers={"WWW-Authenticate": "x-write-key"})
+        name, data = self._check_examples(body)
+        try:
+            added = await asyncio.to_thread(self._add, name, data)
+        except ExitDBError as exc:
+            if "permission denied" in str(exc):
+                raise HTTPException(403, f"the server's Milvus token may not write to the exit database ({exc}); "
+                                         "start it with a writer token (raee serve --write-token, "
+                                         "$RAEE_MILVUS_WRITE_TOKEN)") from exc
+            raise HTTPException(503, f"exit database {self.config.db_uri} is unavailable, retry later: {exc}",
+                                headers={"Retry-After": "5"}) from exc
+        return AddExamplesResponse(task=name, collection=added.collection, ids=list(added.ids), added=added.n_new,
+                                   existing=added.n_existing, skipped=added.n_skipped,
+                                   seconds_to_visible=added.seconds_to_visible)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _classify_batch(self, items: list[Request]) -> list[Response]:
+    async def _classify_batch(self, items: list[Request]) -> list[tuple[Response, str]]:
         # The engine is blocking torch code: run it off the event loop so new requests keep queueing.
         return await asyncio.to_thread(self._run, items)
 
-    def _run(self, items: Sequence[Request]) -> list[Response]:
-        """Every item through the engine: one search per (task, policy) in the batch; order kept."""
-        self.batches = {"n": self.batches["n"] + 1, "texts": self.batches["texts"] + len(items),
-                        "largest": max(self.batches["largest"], len(items))}
-        return self.engine.run(items)
+    def _run(self, items: Sequence[Request]) -> list[tuple[Response, str]]:
+        """Every item through the engine, with the version that answered it: one search per (task, policy) in
+        the batch, all from one version per task; order kept."""
+        with self._lock:
+            self._follow_aliases()
+            self.batches = {"n": self.batches["n"] + 1, "texts": self.batches["texts"] + len(items),
+                            "largest": max(self.batches["largest"], len(items))}
+            engine = self.engine
+            answers = engine.run(items)
+        return [(a, engine.served[item.task].db.collection) for a, item in zip(answers, items, strict=True)]
+
+    def _writes_on(self) -> bool:
+        return bool(self.config.write_key) and self.config.recorder is not None
+
+    def _add(self, name: str, data: Dataset) -> AddedExamples:
+        """Record the examples into the version the task's alias points at now (under the model lock)."""
+        with self._lock:
+            self._follow_aliases(force=True)
+            entry = self.engine.served[name]
+            writer = self.writers.get(name)
+            if writer is None or writer.collection != entry.db.collection:
+                if writer is not None:
+                    writer.close()
+                writer = ExitDB(self.config.db_uri, collection=entry.db.collection, meta=entry.db.meta, create=False,
+                                token=self.config.write_token or self.config.token)
+                self.writers[name] = writer
+            return self.config.recorder(self.engine.backbone, self.engine.encoder, writer, data, head=entry.head,
+                                        token=self.config.write_token or self.config.token)
+
+    def _follow_aliases(self, *, force: bool = False) -> None:
+        """Switch each task whose alias moved to the version it points at now (at most every version_check_s).
+
+        A version that does not fit this replica (another backbone, task spec or head) is not switched to: the
+        replica keeps answering from the one it has and says why in /healthz (version_errors)."""
+        now = time.monotonic()
+        if not force and now < self._next_version_check:
+            return
+        self._next_version_check = now + self.config.version_check_s
+        served = dict(self.engine.served)
+        for name, entry in self.engine.served.items():
+            if entry.db.alias is None:
+                continue
+            try:
+                if entry.db.resolve(timeout_s=_FOLLOW_TIMEOUT_S) == entry.db.collection:
+                    continue
+                db = ExitDB(self.config.db_uri, collection=entry.db.alias, meta=None, create=False,
+                            token=self.config.token)
+            except ExitDBError as exc:
+                self.version_errors[name] = f"cannot follow {entry.db.alias}: {exc}"
+                continue
+            try:
+                fresh = ServedTask.of(entry.task, db)
+                BatchEngine(self.engine.backbone, self.engine.encoder, {name: fresh}, self.engine.policies,
+                            self.engine.default_policy)  # checks the version fits this replica's setup
+            except (EngineSetupError, ExitDBError, ValueError) as exc:
+                db.close()
+                self.version_errors[name] = f"not switching {entry.db.alias} to {db.collection}: {exc}"
+                continue
+            served[name] = fresh
+            self.version_errors.pop(name, None)
+        if served != dict(self.engine.served):
+            for old in self.retired:  # switched away from one switch ago: no batch or route uses them now
+                old.close()
+            self.retired = [e.db for n, e in self.engine.served.items() if served[n] is not e]
+            self.dbs.update({n: e.db for n, e in served.items()})
+            self.engine = BatchEngine(self.engine.backbone, self.engine.encoder, served, self.engine.policies,
+                                      self.engine.default_policy)
 
     def process_info(self) -> dict[str, int]:
         """This replica's pid and resident memory (bytes): load and fault tests call it through a handle.
@@ -318,10 +512,20 @@ class RaeeServer:
 
     def _authorize(self, x_api_key: str | None) -> None:
         """401 unless the server needs no key or `x-api-key` matches it (constant-time comparison)."""
-        expected = self.config.api_key
-        if expected and not (x_api_key and hmac.compare_digest(x_api_key.encode(), expected.encode())):
+        if self.config.api_key and not _key_matches(x_api_key, self.config.api_key):
             raise HTTPException(401, "missing or wrong API key: send it in the x-api-key header",
                                 headers={"WWW-Authenticate": "x-api-key"})
+
+    def _check_examples(self, body: AddExamplesRequest) -> tuple[str, Dataset]:
+        """(served task name, the examples as a Dataset), or HTTPException 404/413/422 as for classify."""
+        check = ClassifyRequest(task=body.task, texts=body.texts, text_pairs=body.text_pairs)
+        name = self._check(check)[0].task
+        if len(body.labels) != len(body.texts):
+            raise HTTPException(422, f"{len(body.labels)} labels for {len(body.texts)} texts; send one label per text")
+        task = self.engine.served[name].task
+        labels = _label_indices(task, body.labels)
+        pairs = tuple(body.text_pairs) if body.text_pairs is not None else None
+        return name, Dataset(task, "train", tuple(body.texts), labels, None, pairs)
 
     def _check(self, body: ClassifyRequest) -> list[Request]:
         """The engine requests, or HTTPException: 404 unknown task, 422 bad input or policy, 413 too much input."""
@@ -364,7 +568,9 @@ class RaeeServer:
                 for i, text in enumerate(body.texts)]
 
     def _close(self) -> None:
-        for db in getattr(self, "dbs", {}).values():  # __init__ may have failed before the databases
+        handles = [*getattr(self, "dbs", {}).values(), *getattr(self, "retired", []),
+                   *getattr(self, "writers", {}).values()]  # __init__ may have failed before the databases
+        for db in handles:
             db.close()
 
     def __del__(self) -> None:
@@ -397,6 +603,12 @@ def build_app(
         raise ServeSetupError("no tasks to serve; pass at least one task")
     if config.api_key is None and os.environ.get(API_KEY_ENV):
         config = replace(config, api_key=os.environ[API_KEY_ENV])
+    if config.text_key is None and os.environ.get(TEXT_KEY_ENV):
+        config = replace(config, text_key=os.environ[TEXT_KEY_ENV])
+    if config.write_key is None and os.environ.get(WRITE_KEY_ENV):
+        config = replace(config, write_key=os.environ[WRITE_KEY_ENV])
+    if config.neighbour_texts == "key" and not config.text_key:
+        raise ServeSetupError(f"neighbour_texts='key' needs a text key: set ${TEXT_KEY_ENV} (or ServeConfig.text_key)")
     if is_lite_uri(config.db_uri):  # replicas run in another working directory
         config = replace(config, db_uri=os.path.abspath(config.db_uri))
     if num_gpus is None:

@@ -38,13 +38,15 @@ class Request:
     """Classify `text` (with `text_pair` for pair tasks) for the served task named `task`.
 
     explain=True also returns the retrieved neighbours; policy names an exit policy (None: the engine's
-    default; "full": the full model)."""
+    default; "full": the full model). neighbour_texts=False leaves the neighbours' training texts out of the
+    explanation (and out of the database read): a caller may classify without being allowed to read the data."""
 
     text: str
     task: str
     explain: bool = False
     text_pair: str | None = None
     policy: str | None = None
+    neighbour_texts: bool = True
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class Neighbour:
     """One retrieved training example, as the paper's Tables 9-10 show them."""
 
     id: int
-    text: str
+    text: str | None  # None where the caller may not see training texts (Request.neighbour_texts)
     label: int
     label_word: str
     distance: float  # smaller is closer (squared L2 for the default metric)
@@ -224,10 +226,10 @@ class BatchEngine:
                              policy=FULL_MODEL) for b in range(len(texts))], \
                 StageTimes(predict_s=elapsed, total_s=elapsed, n_requests=len(texts))
         policy = self.policies[policy_name]
-        explain = any(r.explain for r in requests)
+        with_texts = any(r.explain and r.neighbour_texts for r in requests)
         keys = self.encoder.encode(join_pairs(texts, pairs), task)  # (B, D)
         t1 = time.perf_counter()
-        found = db.search(keys, k=policy.k, with_texts=explain)  # ONE round trip for the group
+        found = db.search(keys, k=policy.k, with_texts=with_texts)  # ONE round trip for the group
         t2 = time.perf_counter()
         view = calibrated_view(found, db.calibration) if policy.calibrated else found
         exit_layers = policy.exit_layers(view)  # (B,)
@@ -244,7 +246,7 @@ class BatchEngine:
                 label_word=words[int(labels[b])],
                 exit_layer=int(preds.exit_layers[b]),
                 probs=tuple(float(p) for p in probs[b]),
-                neighbours=_neighbours(view, b, words) if request.explain else None,
+                neighbours=_neighbours(view, b, words, with_text=request.neighbour_texts) if request.explain else None,
                 truncated=bool(preds.truncated[b]),
                 policy=policy_name,
             )
@@ -271,9 +273,10 @@ class BatchEngine:
                              f"{self.default_policy!r} needs; rebuild it with `raee build` (or use --policy raee)")
 
 
-def _neighbours(found: Neighbours, row: int, words: tuple[str, ...]) -> tuple[Neighbour, ...]:
-    """Row `row` of a search result as Neighbour objects, padding (id -1) left out."""
-    texts = found.texts[row] if found.texts is not None else ("",) * found.ids.shape[1]
+def _neighbours(found: Neighbours, row: int, words: tuple[str, ...], *,
+                with_text: bool = True) -> tuple[Neighbour, ...]:
+    """Row `row` of a search result as Neighbour objects, padding (id -1) left out; texts only with_text."""
+    texts = found.texts[row] if found.texts is not None and with_text else (None,) * found.ids.shape[1]
     return tuple(
         Neighbour(
             id=int(found.ids[row, j]),

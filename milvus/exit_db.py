@@ -22,6 +22,12 @@ Decisions (see docs/milvus.md for the long form):
   that a build is complete.
 - Milvus Lite (a `*.db` URI, the default) is owned by exactly one process; a second process gets an
   `ExitDBError` at once. `close()` flushes and releases the Lite lock so another process can open it.
+- A server URI may name a Milvus database (one per team): `http://host:19530/team_a` (`split_uri`); without
+  one it is the server's `default` database. Milvus Lite files take no database (no authentication, so a
+  database there would isolate nothing; use one file per team).
+- Opening a name that is a Milvus alias (a versioned build, milvus/versions.py) pins the handle to the
+  collection the alias points at when it opens: `collection` is that version, `alias` the name asked for,
+  so search, writes, calibration and blobs always come from one version.
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ import re
 import threading
 import time
 import zlib
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 import grpc
@@ -52,6 +60,7 @@ Consistency = Literal["Session", "Strong", "Bounded", "Eventually"]
 META_PROPERTY = "raee.meta"  # collection property holding ExitDBMeta as JSON
 INDEX_PROPERTY = "raee.index"  # the IndexConfig it was built with (Lite's describe_index omits params)
 CALIBRATION_PROPERTY = "raee.calibration"  # raee.calibration.Calibration as JSON (fitted on the training split)
+VERSION_OF_PROPERTY = "raee.version_of"  # on each version of a versioned build: the alias it serves under
 SCHEMA_VERSION = "3"  # 2 added the label distributions per layer; 3 raw distributions + calibration, variant
 _METRICS = ("L2", "IP", "COSINE")
 _ID, _VECTOR, _PROBS, _LABEL, _TEXT = "id", "vector", "exit_probs", "label", "text"
@@ -174,10 +183,76 @@ def is_lite_uri(uri: str) -> bool:
     return not re.match(r"^[a-z]+://", uri) and uri.endswith(".db")
 
 
+_SERVER_URI = re.compile(r"^(?P<address>(?:https?|tcp)://[^/]+?)(?:/(?P<db>[^/]*))?/?$")
+_DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+
+
+def split_uri(uri: str) -> tuple[str, str | None]:
+    """(address, database) of a URI: "http://host:19530/team_a" -> ("http://host:19530", "team_a").
+
+    A server URI without a path is the server's default database (None); a Milvus Lite path has none and may
+    not name one (ValueError), because Lite has no authentication to keep teams apart."""
+    match = _SERVER_URI.match(uri)
+    if match is None:
+        if re.search(r"\.db/[^/]+/?$", uri):
+            raise ValueError(f"{uri!r} names a database inside a Milvus Lite file; Lite has no authentication, so a "
+                             "database would keep no team out: use one Lite file per team, or a server URI "
+                             "http://host:port/database")
+        if re.match(r"^[a-z]+://", uri):
+            raise ValueError(f"cannot read {uri!r} as a Milvus server URI (http://host:port or "
+                             "http://host:port/database)")
+        return uri, None
+    db = match.group("db") or None
+    if db is not None and not _DB_NAME.match(db):
+        raise ValueError(f"{db!r} in {uri!r} is not a Milvus database name (letters, digits and _, not starting "
+                         "with a digit)")
+    return match.group("address"), db
+
+
+def database_label(uri: str) -> str:
+    """How messages name the database of a URI: "team_a", or "default"."""
+    return split_uri(uri)[1] or "default"
+
+
 # Milvus Lite serves one database per process from a thread; several ExitDB handles in one process share
 # it, so the lock is released only when the last of them closes.
 _lite_refs: dict[str, int] = {}
 _lite_refs_lock = threading.Lock()
+
+
+def _new_client(uri: str, token: str | None, timeout_s: float) -> MilvusClient:
+    """A MilvusClient on the URI's database; raises MilvusException (callers wrap it), ExitDBError for a bad URI."""
+    try:
+        address, db = split_uri(uri)
+    except ValueError as exc:
+        raise ExitDBError("open", "*", str(exc)) from exc
+    return MilvusClient(uri=address, token=token or "", timeout=timeout_s, **({"db_name": db} if db else {}))
+
+
+@contextmanager
+def open_client(uri: str, *, token: str | None = None, timeout_s: float = 10.0,
+                operation: str = "connect") -> Iterator[MilvusClient]:
+    """A MilvusClient on the URI's database for the block (admin code in milvus/), closed after.
+
+    With Milvus Lite it shares the process's Lite server with open ExitDB handles (the lock is released when
+    the last user closes). Failing to connect is an ExitDBError naming the URI."""
+    lite_path = os.path.abspath(uri) if is_lite_uri(uri) else None
+    if lite_path is not None:
+        with _lite_refs_lock:
+            _lite_refs[lite_path] = _lite_refs.get(lite_path, 0) + 1
+    try:
+        try:
+            client = _new_client(uri, token, timeout_s)
+        except MilvusException as exc:
+            detail = _lite_busy(uri, exc) if lite_path is not None else f"cannot connect to {uri!r}: {exc}"
+            raise ExitDBError(operation, "*", detail) from exc
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        if lite_path is not None:
+            _release_lite(lite_path)
 
 
 class ExitDB:
@@ -204,6 +279,7 @@ class ExitDB:
         text_max_bytes: int = 2048,
         batch_rows: int = 1000,
         calibration: Calibration | None = None,
+        properties: dict[str, str] | None = None,
     ) -> None:
         if text_max_bytes < 1 or batch_rows < 1:
             raise ValueError(f"text_max_bytes and batch_rows must be >= 1, got {text_max_bytes}, {batch_rows}")
@@ -214,7 +290,10 @@ class ExitDB:
             raise ValueError(f"calibration is {calibration.bias.shape}, the meta needs "
                              f"({meta.n_layers + 1}, {meta.n_classes})")
         self.uri = uri
-        self.collection = collection
+        self.collection = collection  # the collection itself: where `collection` is an alias, its target (below)
+        self.alias: str | None = None  # the alias this handle was opened through, if any
+        self._extra_properties = dict(properties or {})  # written with a new collection (e.g. its version's alias)
+        self.properties: dict[str, str] = {}  # the collection's stored properties, once open
         self.meta = meta  # None: adopt the stored one (readers check it against their setup themselves)
         self.variant = variant or BuildVariant()  # the stored one replaces it when the collection exists
         self.timeout_s = timeout_s
@@ -234,7 +313,7 @@ class ExitDB:
                 else:
                     self.index, self.text_max_bytes = index or IndexConfig(), text_max_bytes
                     self._create()
-                self._client.load_collection(collection, timeout=max(timeout_s, 60.0))
+                self._client.load_collection(self.collection, timeout=max(timeout_s, 60.0))
             # Lite has one owning process, so its row count can be tracked here (see _search_chunk).
             self._lite_rows = self.count() if self.is_lite else 0
         except BaseException:
@@ -447,8 +526,17 @@ class ExitDB:
             return None
         return base64.b64decode("".join(r["data"] for r in sorted(rows, key=lambda r: r["id"])))
 
+    def resolve(self, *, timeout_s: float | None = None) -> str:
+        """The collection the name this handle was opened with points at now (an alias may have moved since)."""
+        with self._op("resolve"):
+            desc = self._client.describe_collection(self.alias or self.collection, timeout=timeout_s or self.timeout_s)
+        return str(desc["collection_name"])
+
     def drop(self) -> None:
         """Delete the collection, its records and its blobs; the handle is unusable afterwards."""
+        if self.alias is not None:
+            raise ExitDBError("drop", self.alias, "it is an alias of a versioned build; drop versions or the whole "
+                                                  "build with `raee db drop` (milvus.admin.drop_build)")
         with self._op("drop"):
             self._client.drop_collection(self.collection, timeout=self.timeout_s)
             if self._client.has_collection(self.collection + BLOB_SUFFIX, timeout=self.timeout_s):
@@ -481,7 +569,8 @@ class ExitDB:
     # ---- helpers ----------------------------------------------------------------------------------------
 
     def _op(self, operation: str) -> _Wrap:
-        return _Wrap(operation, self.collection)
+        db = split_uri(self.uri)[1]
+        return _Wrap(operation, f"{db}.{self.collection}" if db else self.collection)
 
     def _search_chunk(self, n_queries: int) -> int:
         """Queries per search request: all of them, except for Lite's memory-hungry brute force."""
@@ -495,15 +584,11 @@ class ExitDB:
             with _lite_refs_lock:
                 _lite_refs[self._lite_path] = _lite_refs.get(self._lite_path, 0) + 1
         try:
-            return MilvusClient(uri=self.uri, token=token or "", timeout=self.timeout_s)
+            return _new_client(self.uri, token, self.timeout_s)
         except MilvusException as exc:
             if self._lite_path is not None:
                 _release_lite(self._lite_path)
-                detail = (
-                    f"cannot open Milvus Lite database {self.uri!r} ({exc}); it is most likely owned by "
-                    "another process: Milvus Lite allows one process per database, use a Milvus server "
-                    "(docker-compose.milvus.yml) for several writers"
-                )
+                detail = _lite_busy(self.uri, exc)
             else:
                 detail = f"cannot connect to {self.uri!r}: {exc}"
             raise ExitDBError("open", self.collection, detail) from exc
@@ -521,27 +606,31 @@ class ExitDB:
             field_name=_VECTOR, index_name=_VECTOR, index_type=self.index.kind, metric_type=self.meta.metric,
             params=self.index.build_params(),
         )
+        properties = {META_PROPERTY: _meta_json(self.meta, self.variant),
+                      INDEX_PROPERTY: json.dumps(asdict(self.index)), "raee.schema": SCHEMA_VERSION,
+                      **({CALIBRATION_PROPERTY: self.calibration.to_json()} if self.calibration else {}),
+                      **self._extra_properties}
         try:  # the index is created with the collection, i.e. before any insert
             self._client.create_collection(
                 self.collection, schema=schema, index_params=index_params, consistency_level="Bounded",
-                properties={META_PROPERTY: _meta_json(self.meta, self.variant),
-                            INDEX_PROPERTY: json.dumps(asdict(self.index)),
-                            "raee.schema": SCHEMA_VERSION,
-                            **({CALIBRATION_PROPERTY: self.calibration.to_json()} if self.calibration else {})},
-                timeout=self.timeout_s,
+                properties=properties, timeout=self.timeout_s,
             )
         except MilvusException:
             if not self._client.has_collection(self.collection, timeout=self.timeout_s):
                 raise
             self.index, self.text_max_bytes = self._check_existing(self.index, self.variant)  # another writer won
             return
+        self.properties = properties
         kind = self._client.describe_index(self.collection, index_name=_VECTOR).get("index_type")
         if kind != self.index.kind:
             raise ExitDBError("open", self.collection, f"asked for a {self.index.kind} index, Milvus made {kind}")
 
     def _check_existing(self, index: IndexConfig | None, variant: BuildVariant | None) -> tuple[IndexConfig, int]:
         desc = self._client.describe_collection(self.collection, timeout=self.timeout_s)
+        if desc.get("collection_name") not in (None, self.collection):  # an alias: pin the handle to its target
+            self.alias, self.collection = self.collection, str(desc["collection_name"])
         properties = desc.get("properties") or {}
+        self.properties = dict(properties)
         stored_json = properties.get(META_PROPERTY)
         if stored_json is None:
             raise ExitDBError("open", self.collection, f"not an exit database (no {META_PROPERTY!r} property)")
@@ -629,7 +718,10 @@ class ExitDB:
 
 @dataclass(frozen=True)
 class StoredBuild:
-    """One exit database found in a Milvus database, as `list_exit_dbs` reads it without loading it."""
+    """One exit database found in a Milvus database, as `list_exit_dbs` reads it without loading it.
+
+    A versioned build (milvus/versions.py) is one StoredBuild under its alias: `collection` is the alias that
+    queries open, `version` the collection it points at, `versions` all of its versions."""
 
     collection: str
     meta: ExitDBMeta | None  # None: not readable by this raee (problem says why)
@@ -637,52 +729,83 @@ class StoredBuild:
     n_rows: int  # as Milvus' statistics report it (may lag recent upserts on a server)
     calibrated: bool  # a Calibration is stored with it
     problem: str | None = None
+    version: str | None = None  # the collection the alias points at; None for an unversioned collection
+    versions: tuple[str, ...] = ()  # every version of the build in this database, oldest first
 
     def describe(self) -> str:
         if self.meta is None:
             return f"{self.collection} ({self.problem})"
+        at = f", version {self.version}" if self.version else ""
         return (f"{self.collection} (task {self.meta.task}, {self.variant.describe()}, {self.n_rows} records, "
-                f"backbone {self.meta.backbone}, head {self.meta.head.split(':')[0]})")
+                f"backbone {self.meta.backbone}, head {self.meta.head.split(':')[0]}{at})")
 
 
 def list_exit_dbs(uri: str, *, token: str | None = None, timeout_s: float = 10.0) -> list[StoredBuild]:
-    """Every raee collection in the database at uri (Lite file or server), sorted by name; [] if there is none.
+    """Every exit database a query can open in the database at uri (Lite file or server), sorted by name.
 
-    Reads the collections' properties and statistics only: nothing is loaded into memory."""
+    An unversioned collection is listed as itself; a versioned build once, under its alias, read from the
+    version the alias points at. Versions no alias points at (a build still running or never switched in)
+    are no choice and are left out (`milvus.admin.list_collections` shows them). [] if there is nothing;
+    reads properties and statistics only, nothing is loaded into memory."""
     if is_lite_uri(uri) and not os.path.exists(uri):
         return []
-    lite_path = os.path.abspath(uri) if is_lite_uri(uri) else None
-    if lite_path is not None:
-        with _lite_refs_lock:
-            _lite_refs[lite_path] = _lite_refs.get(lite_path, 0) + 1
+    with open_client(uri, token=token, timeout_s=timeout_s, operation="list") as client:
+        stored = raee_collections(client, timeout_s=timeout_s, where=f"{database_label(uri)}.*")
+        found: list[StoredBuild] = []
+        versions: dict[str, list[str]] = {}
+        for name, properties in stored.items():
+            if VERSION_OF_PROPERTY in properties:
+                versions.setdefault(properties[VERSION_OF_PROPERTY], []).append(name)
+            else:
+                found.append(_stored_build(client, name, properties, timeout_s))
+        for alias, members in versions.items():
+            target = resolve_alias(client, alias, timeout_s=timeout_s)
+            if target in members:
+                build = _stored_build(client, target, stored[target], timeout_s)
+                found.append(replace(build, collection=alias, version=target,
+                                     versions=tuple(sorted(members, key=lambda c: (len(c), c)))))
+    return sorted(found, key=lambda b: b.collection)
+
+
+def raee_collections(client: MilvusClient, *, timeout_s: float = 10.0,
+                     where: str = "*") -> dict[str, dict[str, str]]:
+    """{collection: its properties} for every collection of the client's database that holds exit records.
+
+    where: how errors name the database ("team_a.*")."""
+    with _Wrap("list", where):
+        names = sorted(client.list_collections(timeout=timeout_s))
+    found = {}
+    for name in names:
+        with _Wrap("describe", name):
+            properties = client.describe_collection(name, timeout=timeout_s).get("properties") or {}
+        if META_PROPERTY in properties:  # else not ours (a blob companion, another application's collection)
+            found[name] = dict(properties)
+    return found
+
+
+def resolve_alias(client: MilvusClient, name: str, *, timeout_s: float = 10.0) -> str | None:
+    """The collection the alias `name` points at; None when no alias of that name exists (or it is a collection)."""
+    with _Wrap("resolve", name):
+        if not client.has_collection(name, timeout=timeout_s):
+            return None
+        target = str(client.describe_collection(name, timeout=timeout_s)["collection_name"])
+    return None if target == name else target
+
+
+def _stored_build(client: MilvusClient, name: str, properties: dict[str, str], timeout_s: float) -> StoredBuild:
+    with _Wrap("statistics", name):
+        n_rows = int(client.get_collection_stats(name, timeout=timeout_s).get("row_count", 0))
     try:
-        with _Wrap("list", "*"):
-            client = MilvusClient(uri=uri, token=token or "", timeout=timeout_s)
-        try:
-            found = []
-            with _Wrap("list", "*"):
-                names = sorted(client.list_collections(timeout=timeout_s))
-            for name in names:
-                with _Wrap("describe", name):
-                    properties = client.describe_collection(name, timeout=timeout_s).get("properties") or {}
-                if META_PROPERTY not in properties:
-                    continue  # not ours
-                with _Wrap("statistics", name):
-                    n_rows = int(client.get_collection_stats(name, timeout=timeout_s).get("row_count", 0))
-                try:
-                    meta, variant = parse_meta(properties[META_PROPERTY])
-                    problem = None
-                except (ValueError, TypeError) as exc:
-                    meta, variant, problem = None, BuildVariant(), str(exc)
-                found.append(StoredBuild(name, meta, variant, n_rows, CALIBRATION_PROPERTY in properties, problem))
-            return found
-        finally:
-            client.close()
-    except MilvusException as exc:
-        raise ExitDBError("list", uri, str(exc)) from exc
-    finally:
-        if lite_path is not None:
-            _release_lite(lite_path)
+        meta, variant = parse_meta(properties[META_PROPERTY])
+        problem = None
+    except (ValueError, TypeError) as exc:
+        meta, variant, problem = None, BuildVariant(), str(exc)
+    return StoredBuild(name, meta, variant, n_rows, CALIBRATION_PROPERTY in properties, problem)
+
+
+def milvus_errors(operation: str, collection: str) -> _Wrap:
+    """Context manager turning pymilvus errors inside it into ExitDBError(operation, collection) (milvus/ only)."""
+    return _Wrap(operation, collection)
 
 
 class _Wrap:
@@ -704,8 +827,15 @@ def _error_detail(exc: BaseException) -> str:
     detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
     if "permission deny" in detail.lower() or "PERMISSION_DENIED" in detail:
         detail = (f"permission denied, the token's role lacks this privilege ({detail}); raee_reader may search, "
-                  "raee_writer may also build, only root may drop (milvus/roles.py)")
+                  "raee_writer may also build, only root may drop, and a team's roles reach only the team's own "
+                  "database (milvus/roles.py)")
     return detail
+
+
+def _lite_busy(uri: str, exc: BaseException) -> str:
+    return (f"cannot open Milvus Lite database {uri!r} ({exc}); it is most likely owned by another process: Milvus "
+            "Lite allows one process per database, use a Milvus server (docker-compose.milvus.yml) for several "
+            "writers")
 
 
 def _cap_text(text: str, max_bytes: int) -> str:

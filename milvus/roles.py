@@ -21,12 +21,24 @@ or from a shell, with the passwords in the environment (not on the command line,
 Privilege names are Milvus 2.3's (users_and_roles.md); `collection` narrows the collection privileges
 to one collection instead of all ("*"). Re-running is safe: grants are idempotent and existing users keep
 their passwords.
+
+Teams on one server (`create_team`): each team gets its own Milvus database and a reader and a writer scoped
+to it (grants carry the database), and its URI names the database: `http://host:19530/team_a`. Milvus' built-in
+`public` role, which every user holds, may list and describe the collections of *every* database (2.3.5
+grants it DescribeCollection, ShowCollections and IndexDetail on db "*"), so `create_team` revokes those
+(`restrict_public_role`); then a team's reader cannot list, describe, search or read another team's
+collections. 2.3.5 grants them again **every time the server starts**: run `python -m milvus.roles
+--restrict-public` (or `create_team` again) after each restart; `public_role_restricted` checks.
+
+    RAEE_MILVUS_ROOT_TOKEN=root:... RAEE_READER_PASSWORD=... RAEE_WRITER_PASSWORD=... \
+        python -m milvus.roles --uri http://127.0.0.1:19530 --team team_a
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -52,7 +64,8 @@ READER_PRIVILEGES: tuple[tuple[str, str], ...] = (
 )
 # ... plus what a build calls: create the collection with its index, upsert, flush, wait for the index.
 WRITER_PRIVILEGES: tuple[tuple[str, str], ...] = (
-    ("Global", "CreateCollection"),
+    ("Global", "CreateCollection"),  # also what 2.3.5 checks to alter collection properties (version bookkeeping)
+    ("Global", "CreateAlias"),  # point a versioned build's alias at the version it finished (create/alter alias)
     ("Collection", "CreateIndex"),
     ("Collection", "Insert"),
     ("Collection", "Upsert"),
@@ -62,6 +75,11 @@ WRITER_PRIVILEGES: tuple[tuple[str, str], ...] = (
     *READER_PRIVILEGES,
 )
 _PROBE_COLLECTION = "raee_roles_probe_missing"  # never created: privilege checks run before the lookup
+# What 2.3.5 grants the built-in `public` role (every user) on every database, and team isolation revokes.
+PUBLIC_ROLE = "public"
+PUBLIC_PRIVILEGES: tuple[tuple[str, str], ...] = (
+    ("Global", "DescribeCollection"), ("Global", "ShowCollections"), ("Collection", "IndexDetail"))
+_TEAM = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,24}$")  # leaves room for "_reader"/"_writer" in Milvus' 32
 
 
 class RolesError(RuntimeError):
@@ -70,14 +88,15 @@ class RolesError(RuntimeError):
 
 def create_roles(uri: str, root_token: str, *, reader_password: str, writer_password: str,
                  reader_user: str = READER_USER, writer_user: str = WRITER_USER, reader_role: str = READER_ROLE,
-                 writer_role: str = WRITER_ROLE, collection: str = "*", timeout_s: float = 10.0,
+                 writer_role: str = WRITER_ROLE, collection: str = "*", db_name: str = "", timeout_s: float = 10.0,
                  effective_timeout_s: float = 120.0) -> dict[str, str]:
     """Create the reader and writer roles and users (idempotent); {"reader": token, "writer": token}.
 
-    root_token is "root:<password>" (any user allowed to manage users and roles). Returns once both tokens
-    hold their privileges on the proxy: a grant is acknowledged before the proxy applies it (measured: tens
-    of seconds later on a busy 2.3.5 server), and a build started in between would be refused half-way."""
-    client = MilvusClient(uri=uri, token=root_token, timeout=timeout_s)
+    root_token is "root:<password>" (any user allowed to manage users and roles). db_name scopes every grant
+    to one Milvus database ("" the default database). Returns once both tokens hold their privileges on the
+    proxy: a grant is acknowledged before the proxy applies it (measured: tens of seconds later on a busy
+    2.3.5 server), and a build started in between would be refused half-way."""
+    client = _client(uri, root_token, timeout_s, db_name)
     try:
         tokens = {}
         for kind, role, user, password, privileges in (
@@ -91,21 +110,107 @@ def create_roles(uri: str, root_token: str, *, reader_password: str, writer_pass
             for object_type, privilege in privileges:  # the sentinel (GetStatistics) last
                 name = "*" if object_type == "Global" else collection
                 _step(f"grant {privilege} on {object_type} {name} to {role}",
-                      lambda r=role, o=object_type, p=privilege, n=name: client.grant_privilege(r, o, p, n))
+                      lambda r=role, o=object_type, p=privilege, n=name: client.grant_privilege(
+                          r, o, p, n, db_name=db_name))
             tokens[kind] = f"{user}:{password}"
     finally:
         client.close()
     if collection == "*":  # a named collection may not exist yet, so there is nothing to probe
         for token in tokens.values():
-            _wait_effective(uri, token, timeout_s, effective_timeout_s)
+            _wait_effective(uri, token, timeout_s, effective_timeout_s, db_name)
     return tokens
 
 
-def _wait_effective(uri: str, token: str, timeout_s: float, effective_timeout_s: float) -> None:
+def team_uri(uri: str, team: str) -> str:
+    """The URI of a team's database on the server at uri: "http://host:19530" + "team_a"."""
+    return f"{uri.rstrip('/')}/{team}"
+
+
+def team_names(team: str) -> dict[str, str]:
+    """The user and role names `create_team` gives a team: {"reader_user", "writer_user", "reader_role", ...}."""
+    if not _TEAM.match(team):
+        raise RolesError(f"milvus roles: team {team!r} must be a Milvus database name of at most 25 characters "
+                         "(letters, digits, _; starting with a letter)")
+    return {"reader_user": f"{team}_reader", "writer_user": f"{team}_writer",
+            "reader_role": f"raee_{team}_reader", "writer_role": f"raee_{team}_writer"}
+
+
+def create_team(uri: str, root_token: str, team: str, *, reader_password: str, writer_password: str,
+                restrict_public: bool = True, timeout_s: float = 10.0,
+                effective_timeout_s: float = 120.0) -> dict[str, str]:
+    """A team's own Milvus database (`team`) with a reader and a writer scoped to it; idempotent.
+
+    Returns {"reader": token, "writer": token, "uri": the team's database URI}. restrict_public revokes what
+    the built-in public role may see in every database (`restrict_public_role`), without which any user can
+    list and describe every team's collections."""
+    names = team_names(team)
+    client = _client(uri, root_token, timeout_s)
+    try:
+        _step(f"create database {team}", lambda: team in client.list_databases() or client.create_database(team))
+    finally:
+        client.close()
+    if restrict_public:
+        restrict_public_role(uri, root_token, timeout_s=timeout_s)
+    tokens = create_roles(uri, root_token, reader_password=reader_password, writer_password=writer_password,
+                          db_name=team, timeout_s=timeout_s, effective_timeout_s=effective_timeout_s, **names)
+    return {**tokens, "uri": team_uri(uri, team)}
+
+
+def drop_team(uri: str, root_token: str, team: str, *, drop_database: bool = False, timeout_s: float = 10.0) -> None:
+    """Undo create_team: its users and roles (and, with drop_database, its database, which must be empty)."""
+    drop_roles(uri, root_token, db_name=team, timeout_s=timeout_s, **team_names(team))
+    if drop_database:
+        client = _client(uri, root_token, timeout_s)
+        try:
+            _step(f"drop database {team}", lambda: team not in client.list_databases() or client.drop_database(team))
+        finally:
+            client.close()
+
+
+def restrict_public_role(uri: str, root_token: str, *, timeout_s: float = 10.0) -> None:
+    """Revoke the built-in public role's DescribeCollection, ShowCollections and IndexDetail on every database.
+
+    Every user holds `public`; with them, anyone may list and describe every database's collections. raee's
+    roles grant these themselves. Idempotent; 2.3.5 grants them again whenever the server starts."""
+    client = _client(uri, root_token, timeout_s)
+    try:
+        for object_type, privilege in PUBLIC_PRIVILEGES:
+            _step(f"revoke {privilege} from {PUBLIC_ROLE}", lambda o=object_type, p=privilege: client.revoke_privilege(
+                PUBLIC_ROLE, o, p, "*", db_name="*"))
+    finally:
+        client.close()
+
+
+def open_public_role(uri: str, root_token: str, *, timeout_s: float = 10.0) -> None:
+    """Give the public role back what 2.3.5 starts it with (undoes restrict_public_role)."""
+    client = _client(uri, root_token, timeout_s)
+    try:
+        for object_type, privilege in PUBLIC_PRIVILEGES:
+            _step(f"grant {privilege} to {PUBLIC_ROLE}", lambda o=object_type, p=privilege: client.grant_privilege(
+                PUBLIC_ROLE, o, p, "*", db_name="*"))
+    finally:
+        client.close()
+
+
+def public_role_restricted(uri: str, root_token: str, *, timeout_s: float = 10.0) -> bool:
+    """True when the public role holds none of PUBLIC_PRIVILEGES (teams cannot see each other's collections)."""
+    client = _client(uri, root_token, timeout_s)
+    try:
+        grants = client.describe_role(PUBLIC_ROLE, timeout=timeout_s).get("privileges", [])
+    finally:
+        client.close()
+    return not {(g["object_type"], g["privilege"]) for g in grants} & set(PUBLIC_PRIVILEGES)
+
+
+def _client(uri: str, token: str, timeout_s: float, db_name: str = "") -> MilvusClient:
+    return MilvusClient(uri=uri, token=token, timeout=timeout_s, **({"db_name": db_name} if db_name else {}))
+
+
+def _wait_effective(uri: str, token: str, timeout_s: float, effective_timeout_s: float, db_name: str = "") -> None:
     """Block until the proxy lets `token` use its role's last grant (GetStatistics), probed on a missing
     collection: refused -> not applied yet; "collection not found" (or stats) -> applied, with the grants
     before it (the server applies them in order)."""
-    client = MilvusClient(uri=uri, token=token, timeout=timeout_s)
+    client = _client(uri, token, timeout_s, db_name)
     deadline = time.monotonic() + effective_timeout_s
     try:
         while True:
@@ -125,9 +230,9 @@ def _wait_effective(uri: str, token: str, timeout_s: float, effective_timeout_s:
 
 def drop_roles(uri: str, root_token: str, *, reader_user: str = READER_USER, writer_user: str = WRITER_USER,
                reader_role: str = READER_ROLE, writer_role: str = WRITER_ROLE, collection: str = "*",
-               timeout_s: float = 10.0) -> None:
+               db_name: str = "", timeout_s: float = 10.0) -> None:
     """Undo create_roles: revoke, drop the roles and users (missing ones are skipped)."""
-    client = MilvusClient(uri=uri, token=root_token, timeout=timeout_s)
+    client = _client(uri, root_token, timeout_s, db_name)
     try:
         users = client.list_users()
         for role, user, privileges in ((reader_role, reader_user, READER_PRIVILEGES),
@@ -139,7 +244,8 @@ def drop_roles(uri: str, root_token: str, *, reader_user: str = READER_USER, wri
             for object_type, privilege in privileges:
                 name = "*" if object_type == "Global" else collection
                 _step(f"revoke {privilege} from {role}",
-                      lambda r=role, o=object_type, p=privilege, n=name: client.revoke_privilege(r, o, p, n))
+                      lambda r=role, o=object_type, p=privilege, n=name: client.revoke_privilege(
+                          r, o, p, n, db_name=db_name))
             _step(f"drop role {role}", lambda r=role: client.drop_role(r))
     finally:
         client.close()
@@ -157,23 +263,40 @@ def _step(what: str, action) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m milvus.roles --uri URI`: tokens and passwords from the environment, never argv."""
+    """`python -m milvus.roles --uri URI [--team T | --restrict-public]`: secrets from the environment, never argv."""
     parser = argparse.ArgumentParser(description="Create the raee reader/writer roles on a Milvus server.")
     parser.add_argument("--uri", default="http://127.0.0.1:19530")
     parser.add_argument("--collection", default="*", help="limit collection privileges to this collection")
+    parser.add_argument("--team", help="a team's own database with a reader and writer scoped to it (public role "
+                                       "restricted too)")
+    parser.add_argument("--restrict-public", action="store_true",
+                        help="only revoke what the public role may see in every database (again after a restart)")
     args = parser.parse_args(argv)
-    names = ("RAEE_MILVUS_ROOT_TOKEN", "RAEE_READER_PASSWORD", "RAEE_WRITER_PASSWORD")
+    names = ("RAEE_MILVUS_ROOT_TOKEN",) if args.restrict_public else (
+        "RAEE_MILVUS_ROOT_TOKEN", "RAEE_READER_PASSWORD", "RAEE_WRITER_PASSWORD")
     missing = [n for n in names if not os.environ.get(n)]
     if missing:
         print(f"error: set {', '.join(missing)} in the environment", file=sys.stderr)
         return 2
+    root = os.environ[names[0]]
     try:
-        create_roles(args.uri, os.environ[names[0]], reader_password=os.environ[names[1]],
-                     writer_password=os.environ[names[2]], collection=args.collection)
+        if args.restrict_public:
+            restrict_public_role(args.uri, root)
+            print(f"public role restricted on {args.uri}: users see only the databases their roles are granted")
+        elif args.team:
+            team = create_team(args.uri, root, args.team, reader_password=os.environ[names[1]],
+                               writer_password=os.environ[names[2]])
+            users = team_names(args.team)
+            print(f"team {args.team}: database {team['uri']}, users {users['reader_user']} (read) and "
+                  f"{users['writer_user']} (build); public role restricted")
+        else:
+            create_roles(args.uri, root, reader_password=os.environ[names[1]], writer_password=os.environ[names[2]],
+                         collection=args.collection)
+            print(f"roles {READER_ROLE} (user {READER_USER}) and {WRITER_ROLE} (user {WRITER_USER}) ready on "
+                  f"{args.uri}")
     except (RolesError, MilvusException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"roles {READER_ROLE} (user {READER_USER}) and {WRITER_ROLE} (user {WRITER_USER}) ready on {args.uri}")
     return 0
 
 

@@ -36,6 +36,10 @@ app = typer.Typer(
 )
 tasks_app = typer.Typer(help="The built-in tasks, and starter specs for your own data.", add_completion=False)
 app.add_typer(tasks_app, name="tasks")
+db_app = typer.Typer(help="Operate exit databases (also a shared Milvus server): list, describe, activate, rollback, "
+                          "drop, export, import. Versions, aliases and team databases: docs/milvus.md.",
+                     no_args_is_help=True, add_completion=False)
+app.add_typer(db_app, name="db")
 
 
 def _check_fraction(value: float | None) -> float | None:
@@ -67,7 +71,8 @@ CacheDirOpt = Annotated[
 EncoderOpt = Annotated[
     str, typer.Option("--encoder", help="Key encoder: all-minilm-l6-v2, a sentence-transformers folder/id, 'backbone'.")
 ]
-DbOpt = Annotated[str, typer.Option("--db", help="Exit database: a Milvus Lite path (*.db) or http://host:19530.")]
+DbOpt = Annotated[str, typer.Option("--db", help="Exit database: a Milvus Lite path (*.db), http://host:19530, or "
+                                                 "http://host:19530/DATABASE for a team's own database.")]
 TokenOpt = Annotated[str | None, typer.Option(
     "--token", envvar="RAEE_MILVUS_TOKEN", show_envvar=True,
     help="Milvus server credentials 'user:password' (e.g. the read-only role for serve, the writer for build; "
@@ -111,6 +116,8 @@ KNOWN_ERRORS: dict[str, str] = {
     "inference_workers.engine.EngineSetupError": "rebuild the exit database with this setup",
     "collectors.ray_collect.CollectionError": "re-run to resume, or use fewer --num-actors",
     "inference_workers.deployment.ServeSetupError": "build the database first; use a Milvus server for replicas",
+    "milvus.versions.VersionError": "`raee db list` shows the builds and their versions",
+    "milvus.transfer.TransferError": "see `raee db import --help`",
 }
 
 
@@ -553,17 +560,27 @@ def serve(
     max_text_chars: Annotated[int, typer.Option(
         min=1, help="Most characters accepted in one text (413 above); texts longer than the model's context "
                     "are cut to fit and flagged 'truncated'.")] = 2000,
+    neighbour_texts: Annotated[str, typer.Option(
+        help="Who sees the neighbours' training texts in explanations: off (ids, labels, distances and exit layers "
+             "only), key (requests with $RAEE_TEXT_KEY in x-text-key) or on (every caller; your own data).")] = "off",
+    write_token: Annotated[str | None, typer.Option(
+        envvar="RAEE_MILVUS_WRITE_TOKEN", show_envvar=True,
+        help="Milvus token (a writer role) that POST /v1/examples writes with; the route is on when $RAEE_WRITE_KEY "
+             "is set. Default: --token.")] = None,
     cache_dir: CacheDirOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Serve RAEE over HTTP with Ray Serve (POST /v1/classify, GET /healthz, GET /v1/tasks); Ctrl-C stops it.
 
     A request may name its exit policy ("policy": "raee"); --policy is the default. The limits are shown
-    in GET /healthz. The API schema is GET /openapi.json.
+    in GET /healthz. The API schema is GET /openapi.json. With $RAEE_WRITE_KEY set, POST /v1/examples adds
+    labelled examples (x-write-key header).
 
     Examples:
 
       raee serve --task sst2
+
+      RAEE_WRITE_KEY=... raee serve --task sst2 --db http://127.0.0.1:19530/team_a --neighbour-texts key
 
       raee serve --task sst2,my_task.toml --port 8080 --max-batch-size 16
 
@@ -574,12 +591,218 @@ def serve(
     from orchestration.distributed import serve as run_serve
 
     _setup_logging(quiet)
+    if neighbour_texts not in ("off", "key", "on"):
+        raise typer.BadParameter(f"{neighbour_texts!r}: use off, key or on", param_hint="--neighbour-texts")
     options = ServeOptions(host=host, port=port, replicas=replicas, policy=policy,
-                           knobs=_knobs(policy, k, tau, beta, slack),
+                           knobs=_knobs(policy, k, tau, beta, slack), neighbour_texts=neighbour_texts,
+                           write_token=write_token,
                            limits=Limits(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
                                          max_texts=max_texts, max_text_chars=max_text_chars))
     run_serve(parse_tasks(task), model=_model(model, encoder, cache_dir), db_uri=db, token=token,
               selector=_selector(collection, fraction, only_correct, head), options=options, ray_address=ray_address)
+
+
+@app.command()
+def add(
+    examples: Annotated[Path, typer.Argument(help="A .csv/.tsv/.jsonl/.parquet file with the task's text (and pair) "
+                                                  "and label columns.")],
+    task: TaskOpt = "sst2",
+    model: ModelOpt = DEFAULT_BACKBONE,
+    encoder: EncoderOpt = DEFAULT_ENCODER,
+    db: DbOpt = "./raee.db",
+    collection: CollectionOpt = None,
+    fraction: FractionPick = None,
+    only_correct: OnlyCorrectPick = None,
+    head: HeadPick = None,
+    token: TokenOpt = None,
+    cache_dir: CacheDirOpt = None,
+    batch_size: BatchOpt = 32,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Add labelled examples to a task's exit database while it serves (live growth); re-adding changes nothing.
+
+    Records come from the build's backbone, key encoder and exit head; the command returns once every reader
+    of the database sees them. On a Milvus Lite file that `raee serve` holds, use POST /v1/examples instead.
+
+    Examples:
+
+      raee add --task sst2 new-reviews.jsonl
+
+      raee add --task my_task.toml fixes.csv --db http://127.0.0.1:19530/team_a
+    """
+    from orchestration.pipelines import add_examples
+
+    _setup_logging(quiet)
+    _quiet_milvus_client()
+    one = parse_tasks(task)[0]
+    added = add_examples(one, examples, model=_model(model, encoder, cache_dir, batch_size), db_uri=db, token=token,
+                         selector=_selector(collection, fraction, only_correct, head), batch_size=batch_size)
+    if as_json:
+        typer.echo(json.dumps(added.to_dict()))
+        return
+    typer.echo(f"{added.task}: {added.n_new} examples added to {added.collection}, {added.n_existing} stored already, "
+               f"{added.n_skipped} left out (only-correct build); visible to readers after "
+               f"{added.seconds_to_visible:.2f} s")
+
+
+@db_app.command("list")
+def db_list(db: DbOpt = "./raee.db", token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """List every exit-database collection: task, setup, rows, index, calibration, version and alias.
+
+    A versioned build shows one row per version; * marks the version its alias points at (what queries read).
+
+    Examples:
+
+      raee db list
+
+      raee db list --db http://127.0.0.1:19530/team_a --json
+    """
+    from orchestration.pipelines import db_list as run_list
+
+    _quiet_milvus_client()
+    rows = run_list(db, token=token)
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in rows]))
+        return
+    typer.echo(f"{'collection':<34} {'alias':<28} {'version':<9} {'task':<10} {'backbone':<16} {'encoder':<24} "
+               f"{'L':>3} {'rows':>8} {'index':<8} calibrated")
+    for r in rows:
+        version = "-" if r.version is None else f"{r.version}{'*' if r.active else ''}{'' if r.complete else ' (inc)'}"
+        m = r.meta
+        typer.echo(f"{r.collection:<34} {r.name if r.version is not None else '-':<28} {version:<9} "
+                   f"{m.task if m else '?':<10} {m.backbone if m else '?':<16} {m.encoder if m else '?':<24} "
+                   f"{m.n_layers if m else 0:>3} {r.n_rows:>8} {r.index:<8} {'yes' if r.calibrated else 'no'}")
+
+
+@db_app.command("describe")
+def db_describe(name: Annotated[str, typer.Argument(help="A build's name (its alias) or a collection.")],
+                db: DbOpt = "./raee.db", token: TokenOpt = None) -> None:
+    """Describe one build as JSON: setup, count, index, calibration, exit head, added examples and versions.
+
+    The count is exact (read from the collection queries use); "previous" is where `raee db rollback` goes.
+
+    Examples:
+
+      raee db describe raee_sst2_0123456789
+
+      raee db describe reviews --db http://127.0.0.1:19530/team_a
+    """
+    from orchestration.pipelines import db_describe as run_describe
+
+    _quiet_milvus_client()
+    typer.echo(json.dumps(run_describe(name, db, token=token), indent=1))
+
+
+@db_app.command("activate")
+def db_activate(name: Annotated[str, typer.Argument(help="The build's name (its alias).")],
+                version: Annotated[str, typer.Argument(help="A version number, or the version's collection.")],
+                db: DbOpt = "./raee.db", token: TokenOpt = None,
+                force: Annotated[bool, typer.Option(help="Switch to a version whose build did not finish.")] = False,
+                ) -> None:
+    """Point a build's alias at one of its versions, atomically: queries read that version from now on.
+
+    Examples:
+
+      raee db activate raee_sst2_0123456789 2
+
+      raee db activate reviews reviews_v3 --db http://127.0.0.1:19530/team_a
+    """
+    from orchestration.pipelines import db_activate as run_activate
+
+    _quiet_milvus_client()
+    switch = run_activate(name, version, db, token=token, force=force)
+    typer.echo(f"{switch.name}: {switch.before or 'nothing'} -> {switch.after}")
+
+
+@db_app.command("rollback")
+def db_rollback(name: Annotated[str, typer.Argument(help="The build's name (its alias).")],
+                db: DbOpt = "./raee.db", token: TokenOpt = None) -> None:
+    """Point a build's alias back at the version it pointed at before the last switch, atomically.
+
+    Examples:
+
+      raee db rollback raee_sst2_0123456789
+
+      raee db rollback reviews --db http://127.0.0.1:19530/team_a
+    """
+    from orchestration.pipelines import db_rollback as run_rollback
+
+    _quiet_milvus_client()
+    switch = run_rollback(name, db, token=token)
+    typer.echo(f"{switch.name}: {switch.before} -> {switch.after}")
+
+
+@db_app.command("drop")
+def db_drop(name: Annotated[str, typer.Argument(help="A build's name (its alias) or a collection.")],
+            db: DbOpt = "./raee.db", token: TokenOpt = None,
+            version: Annotated[int | None, typer.Option(min=1, help="Drop only this (inactive) version.")] = None,
+            yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False) -> None:
+    """Delete a build (its alias, every version, their blobs) or one inactive version; asks first unless --yes.
+
+    Examples:
+
+      raee db drop raee_sst2_0123456789
+
+      raee db drop reviews --version 1 --yes --db http://127.0.0.1:19530/team_a
+    """
+    from orchestration.pipelines import db_drop as run_drop
+
+    _quiet_milvus_client()
+    what = f"version {version} of {name}" if version else f"{name} (every version)"
+    if not yes and not typer.confirm(f"drop {what} from {db}?", default=False):
+        typer.echo("error: nothing dropped (answer y, or pass --yes)", err=True)
+        raise typer.Exit(1)
+    typer.echo("dropped " + ", ".join(run_drop(name, db, version=version, token=token)))
+
+
+@db_app.command("export")
+def db_export(name: Annotated[str, typer.Argument(help="A build's name (its alias) or a collection.")],
+              path: Annotated[str, typer.Argument(help="The parquet file to write.")],
+              db: DbOpt = "./raee.db", token: TokenOpt = None) -> None:
+    """Write a build to one parquet file: records, metadata, variant, calibration and exit head (a backup or a move).
+
+    Examples:
+
+      raee db export raee_sst2_0123456789 sst2.parquet
+
+      raee db export reviews reviews.parquet --db http://127.0.0.1:19530/team_a
+    """
+    from orchestration.pipelines import db_export as run_export
+
+    _quiet_milvus_client()
+    done = run_export(name, path, db, token=token)
+    typer.echo(f"{done.n_records} records of {done.name} ({done.collection}) written to {done.path}")
+
+
+@db_app.command("import")
+def db_import(path: Annotated[str, typer.Argument(help="A parquet file written by raee db export.")],
+              db: DbOpt = "./raee.db", token: TokenOpt = None,
+              name: Annotated[str | None, typer.Option(help="Import under this name (default: the file's).")] = None,
+              ) -> None:
+    """Load an exported build as a new version, switched in once its count matches; refuses to mix builds.
+
+    Examples:
+
+      raee db import sst2.parquet --db http://127.0.0.1:19530/team_a
+
+      raee db import sst2.parquet --db copy.db --name sst2_copy
+    """
+    from orchestration.pipelines import db_import as run_import
+
+    _quiet_milvus_client()
+    done = run_import(path, db, name=name, token=token)
+    typer.echo(f"{done.n_records} records imported into {done.collection}" + (f"; {done.name} now points at it"
+                                                                              if done.switched else ""))
+
+
+def _quiet_milvus_client() -> None:
+    """pymilvus logs every refused or failed RPC with a traceback on stderr (its own handler, set up when it is
+    imported); a known failure is one `error:` line here, so that log is off unless RAEE_DEBUG=1."""
+    import milvus.exit_db  # noqa: F401 - imports pymilvus, which configures its logger; then turn it down
+
+    if os.environ.get("RAEE_DEBUG") != "1":
+        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
 
 
 def _setup_logging(quiet: bool) -> None:

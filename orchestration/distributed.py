@@ -153,6 +153,8 @@ class ServeOptions:
     limits: deployment.Limits = field(default_factory=deployment.Limits)
     policy: str = DEFAULT_POLICY
     knobs: dict[str, float] = field(default_factory=dict)  # k, tau, beta, slack
+    neighbour_texts: str = "off"  # who sees neighbours' training texts: off, key ($RAEE_TEXT_KEY) or on
+    write_token: str | None = field(default=None, repr=False)  # Milvus token POST /v1/examples writes with
 
 
 def serve(tasks: Sequence[Task], *, model: ModelSpec, db_uri: str = "./raee.db", token: str | None = None,
@@ -167,8 +169,12 @@ def serve(tasks: Sequence[Task], *, model: ModelSpec, db_uri: str = "./raee.db",
     collections = {task.name: choose_build(db_uri, task, model=model, token=token, selector=selector).collection
                    for task in tasks}
     spec = replace(model, cache_dir=_abs(model.cache_dir))
+    from collectors.build import add_examples
+
     config = deployment.ServeConfig(tasks=tuple(tasks), collections=collections, db_uri=_abs_db(db_uri),
-                                    token=token, policy=options.policy, knobs=dict(options.knobs))
+                                    token=token, policy=options.policy, knobs=dict(options.knobs),
+                                    neighbour_texts=options.neighbour_texts, write_token=options.write_token,
+                                    recorder=add_examples)
     names = ", ".join(task.name for task in tasks)
     with ray_session(ray_address):
         try:
@@ -176,8 +182,9 @@ def serve(tasks: Sequence[Task], *, model: ModelSpec, db_uri: str = "./raee.db",
                                        cpus_per_replica=options.cpus_per_replica, limits=options.limits)
             url = deployment.start_http(host=options.host, port=options.port)
             deployment.run_app(app)
-            print(f"raee serving {names} at {url} (POST /v1/classify, GET /healthz, GET /openapi.json; default "
-                  f"policy {options.policy}); Ctrl-C stops it", flush=True)
+            adds = ", POST /v1/examples" if os.environ.get(deployment.WRITE_KEY_ENV) else ""
+            print(f"raee serving {names} at {url} (POST /v1/classify{adds}, GET /healthz, GET /openapi.json; default "
+                  f"policy {options.policy}; neighbour texts {options.neighbour_texts}); Ctrl-C stops it", flush=True)
             if options.host not in ("127.0.0.1", "localhost", "::1"):
                 print(f"warning: {options.host} is not loopback and the API has no authentication", file=sys.stderr)
             _wait_for_interrupt()

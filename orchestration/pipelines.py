@@ -2,7 +2,9 @@
 
 The pipeline, not the CLI, chooses where work runs (`engine="local" | "ray"`), finds the exit database a
 query should use (`choose_build`: a database with one build for the task needs no options; with several,
-the error lists them and how to pick one), and loads models once per command.
+the error lists them and how to pick one; a versioned build is one choice, under its alias), and loads
+models once per command. `add_examples` and the `db_*` functions operate a (shared) database: live growth,
+versions, listing, dropping, export and import (docs/milvus.md, "Operating a shared database").
 """
 
 from __future__ import annotations
@@ -12,17 +14,24 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from collectors.build import BuildOptions, BuildSummary
-from inference_workers.engine import FULL_MODEL, BatchEngine, Response, ServedTask
-from milvus.exit_db import ExitDB, StoredBuild, is_lite_uri, list_exit_dbs
+from inference_workers.engine import FULL_MODEL, BatchEngine, Response, ServedTask, stored_head
+from milvus.added import AddedExamples
+from milvus.exit_db import ExitDB, ExitDBError, StoredBuild, is_lite_uri, list_exit_dbs
 from raee.exit_policy import DEFAULT_POLICY, all_policies
 from raee.models import load_backbone
 from raee.spec import ModelSpec
-from raee.tasks import Task, layer_stats, load_split, score
+from raee.tasks import Dataset, Task, layer_stats, load_split, score, with_data
+
+if TYPE_CHECKING:
+    from milvus.admin import CollectionInfo
+    from milvus.transfer import Transfer
+    from milvus.versions import Switch
 
 Engine = Literal["local", "ray"]
 
@@ -322,3 +331,102 @@ def evaluate(tasks: list[Task], *, model: ModelSpec, config, out_dir: str, comma
     (out / "results.md").write_text(text)
     return results, text
 
+
+
+# ---- raee add: live growth ------------------------------------------------------------------------------------
+
+
+def add_examples(task: Task, examples: str | os.PathLike[str] | Dataset, *, model: ModelSpec, db_uri: str,
+                 token: str | None = None, selector: BuildSelector | None = None,
+                 batch_size: int = 32) -> AddedExamples:
+    """`raee add`: labelled examples (a file in the task's columns, or a Dataset) recorded into the task's build.
+
+    The records come from the same backbone, key encoder and stored exit head as the build's, under content ids
+    (adding an example twice changes nothing); returns once readers of the database see them. A Milvus Lite
+    file that `raee serve` holds cannot be opened here: add through the server (POST /v1/examples) then."""
+    from collectors.build import add_examples as record
+
+    data = examples if isinstance(examples, Dataset) else load_split(
+        with_data(task, train=str(Path(examples).resolve()), format=None), "train")  # bad rows fail before any model
+    if not len(data):
+        raise ExitDatabaseError(f"no examples to add in {examples}")
+    try:
+        build = choose_build(db_uri, task, model=model, token=token, selector=selector)
+        db = ExitDB(db_uri, collection=build.collection, meta=None, create=False, token=token)
+    except ExitDBError as exc:
+        if is_lite_uri(db_uri) and "owned by another process" in str(exc):
+            raise ExitDatabaseError(f"{db_uri} is held by another process (raee serve?) and Milvus Lite has one "
+                                    "owner: add the examples through that server, POST /v1/examples with its write "
+                                    "key") from exc
+        raise
+    with db:
+        head = stored_head(db)
+        backbone, encoder = model.load()
+        return record(backbone, encoder, db, data, head=head, batch_size=batch_size, token=token)
+
+
+# ---- raee db: operating a (shared) database -------------------------------------------------------------------
+
+
+def db_list(db_uri: str, *, token: str | None = None) -> list[CollectionInfo]:
+    """`raee db list`: every exit-database collection at db_uri, each version of a versioned build on its own row."""
+    from milvus.admin import list_collections
+
+    if is_lite_uri(db_uri) and not os.path.exists(db_uri):
+        return []
+    return list_collections(db_uri, token=token)
+
+
+def db_describe(name: str, db_uri: str, *, token: str | None = None) -> dict:
+    """`raee db describe NAME`: the build's collections, and of the one queries read its count, index, calibration."""
+    from milvus.admin import describe_build
+
+    _require_lite_file(db_uri)
+    return describe_build(db_uri, name, token=token)
+
+
+def db_activate(name: str, version: str, db_uri: str, *, token: str | None = None, force: bool = False) -> Switch:
+    """`raee db activate NAME VERSION`: point the build's alias at version VERSION (a number or a collection)."""
+    from milvus.versions import activate
+
+    _require_lite_file(db_uri)
+    return activate(db_uri, name, int(version) if version.isdigit() else version, token=token, force=force)
+
+
+def db_rollback(name: str, db_uri: str, *, token: str | None = None) -> Switch:
+    """`raee db rollback NAME`: point the build's alias back at the version it pointed at before the last switch."""
+    from milvus.versions import rollback
+
+    _require_lite_file(db_uri)
+    return rollback(db_uri, name, token=token)
+
+
+def db_drop(name: str, db_uri: str, *, version: int | None = None, token: str | None = None) -> list[str]:
+    """`raee db drop NAME [--version N]`: delete a build (alias, versions, blobs) or one inactive version."""
+    from milvus.admin import drop_build
+
+    _require_lite_file(db_uri)
+    return drop_build(db_uri, name, version=version, token=token)
+
+
+def db_export(name: str, path: str, db_uri: str, *, token: str | None = None) -> Transfer:
+    """`raee db export NAME FILE.parquet`: the records, metadata, calibration and exit head in one parquet file."""
+    from milvus.transfer import export_build
+
+    _require_lite_file(db_uri)
+    return export_build(db_uri, name, path, token=token)
+
+
+def db_import(path: str, db_uri: str, *, name: str | None = None, token: str | None = None) -> Transfer:
+    """`raee db import FILE.parquet --db URI`: a new version of the build in the file (or `name`), switched in."""
+    from milvus.transfer import import_build
+
+    if not os.path.isfile(path):
+        raise ExitDatabaseError(f"no file {path} to import (write one with raee db export NAME {path})")
+    return import_build(path, db_uri, name=name, token=token)
+
+
+def _require_lite_file(db_uri: str) -> None:
+    if is_lite_uri(db_uri) and not os.path.exists(db_uri):
+        raise ExitDatabaseError(f"no exit database at {db_uri}; check --db (raee db list --db URI shows what it "
+                                "holds)")

@@ -55,7 +55,7 @@ def served_reused(tmp_path_factory, serve_url_reused):
             if task is SST2:
                 explained = engine.classify(QUERIES[:2], task, explain=True)
     # The driver has closed the Lite file: the replica becomes its one owner.
-    config = serve_config(uri, builds, policy="raee", knobs=RAEE_KNOBS)
+    config = serve_config(uri, builds, policy="raee", knobs=RAEE_KNOBS, neighbour_texts="on")  # texts: every caller
     run_app(build_app(ModelSpec(factory=tiny_llama_models), config, cpus_per_replica=ACTOR_CPUS, limits=LIMITS),
             name=APP)
     yield serve_url_reused, expected, explained
