@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from milvus.exit_db import ExitDB, setup_meta
-from raee.backbones import Backbone
+from raee.backbones import Backbone, Predictions
 from raee.exit_policy import Policy, answer_probs, calibrated_view
 from raee.heads import ExitHead
 from raee.keys import KeyEncoder, check_texts
@@ -231,10 +231,15 @@ class BatchEngine:
         t1 = time.perf_counter()
         found = db.search(keys, k=policy.k, with_texts=with_texts)  # ONE round trip for the group
         t2 = time.perf_counter()
-        view = calibrated_view(found, db.calibration) if policy.calibrated else found
-        exit_layers = policy.exit_layers(view)  # (B,)
-        t3 = time.perf_counter()
-        preds = self.backbone.predict(texts, task, exit_layers, pairs=pairs, head=entry.head)
+        if getattr(policy, "dynamic", False):  # the exit is decided during the forward, layer by layer
+            view = found
+            t3 = t2
+            preds = self._predict_until(policy, entry, db, texts, pairs, found)
+        else:
+            view = calibrated_view(found, db.calibration) if policy.calibrated else found
+            exit_layers = policy.exit_layers(view)  # (B,)
+            t3 = time.perf_counter()
+            preds = self.backbone.predict(texts, task, exit_layers, pairs=pairs, head=entry.head)
         t4 = time.perf_counter()
         probs = answer_probs(policy, preds.probs, preds.exit_layers, view,
                              db.calibration if policy.calibrated else None)  # (B, C)
@@ -254,6 +259,24 @@ class BatchEngine:
         ]
         policy_s = (t3 - t2) + (t5 - t4)  # exit choice and answer
         return responses, StageTimes(t1 - t0, t2 - t1, policy_s, t4 - t3, time.perf_counter() - t0, len(requests), 1)
+
+    def _predict_until(self, policy: Policy, entry: ServedTask, db: ExitDB, texts: list[str],
+                       pairs: list[str] | None, found: Neighbours) -> Predictions:
+        """A dynamic policy's truncated forward: at each layer the rows whose (calibrated) answer, fused with their
+        neighbours' vote, is confident leave; the rest go on."""
+        calibration = db.calibration if policy.calibrated else None
+        if policy.calibrated and calibration is None:
+            raise EngineSetupError(f"exit database {db.collection!r} stores no calibration, which the confident "
+                                   "policy needs; rebuild it with `raee build`")
+        prior = policy.prior(found, entry.task.n_classes)  # (B, C)
+
+        def stop(layer: int, rows: np.ndarray, probs: np.ndarray) -> np.ndarray:
+            if calibration is not None:
+                probs = calibration.apply_at(probs, np.full(len(rows), layer))
+            return policy.stops(probs, prior[rows])
+
+        return self.backbone.predict_until(texts, entry.task, stop, pairs=pairs, head=entry.head,
+                                           min_layer=policy.min_layer)
 
     def _check_meta(self, entry: ServedTask) -> None:
         db = entry.db

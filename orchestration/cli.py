@@ -82,12 +82,15 @@ TauOpt = Annotated[float, typer.Option("--tau", min=0.0, max=1.0,
                                        help="raee/raee-cal: layer-probability threshold (paper: 0.9).")]
 PolicyOpt = Annotated[str, typer.Option(
     "--policy", callback=_check_policy,
-    help="Exit policy: fused (default: calibrated layer x neighbour vote, the best measured; docs/exit-policies.md), "
-         "raee (the paper's Eq. 4-6) or raee-cal (Eq. 4-6 over the calibrated distributions). Every build serves "
-         "all three.")]
+    help="Exit policy: fused (default: calibrated layer x neighbour vote; docs/exit-policies.md), raee (the paper's "
+         "Eq. 4-6), raee-cal (Eq. 4-6 over the calibrated distributions) or confident (an entropy exit on the "
+         "layer x vote fusion, decided during the forward; tune --threshold with raee eval). Every build serves "
+         "them all.")]
 BetaOpt = Annotated[float | None, typer.Option(min=0.0, help="fused: weight of the neighbours' vote (default 1).")]
 SlackOpt = Annotated[float | None, typer.Option(
     min=0.0, max=1.0, help="fused: accept a layer this much less reliable for an earlier exit (default 0.02).")]
+ThresholdOpt = Annotated[float | None, typer.Option(
+    min=0.0, help="confident: exit once the answer's entropy (nats) is at most this (default 0.3).")]
 CollectionOpt = Annotated[str | None, typer.Option(
     "--collection", help="Use this exit database (collection) when --db holds several builds of the task.")]
 FractionPick = Annotated[float | None, typer.Option(
@@ -144,15 +147,16 @@ def _model(model: str, encoder: str = DEFAULT_ENCODER, cache_dir: str | None = N
     return ModelSpec(model, encoder, cache_dir=cache_dir, batch_size=batch_size)
 
 
-def _knobs(policy: str, k: int, tau: float, beta: float | None, slack: float | None) -> dict[str, float]:
-    """The policies' knobs; --beta/--slack name the option when the chosen policy does not take it."""
+def _knobs(policy: str, k: int, tau: float, beta: float | None, slack: float | None,
+           threshold: float | None = None) -> dict[str, float]:
+    """The policies' knobs; --beta/--slack/--threshold name the option when the chosen policy does not take it."""
     from raee.exit_policy import policy_parameters
 
-    for name, value in {"beta": beta, "slack": slack}.items():
+    given = {"beta": beta, "slack": slack, "threshold": threshold}
+    for name, value in given.items():
         if value is not None and name not in policy_parameters(policy):
             raise typer.BadParameter(f"policy {policy!r} has no {name}", param_hint=f"--{name}")
-    return {name: value for name, value in {"k": k, "tau": tau, "beta": beta, "slack": slack}.items()
-            if value is not None}
+    return {name: value for name, value in {"k": k, "tau": tau, **given}.items() if value is not None}
 
 
 def _selector(collection: str | None, fraction: float | None, only_correct: bool | None, head: str | None = None):
@@ -351,6 +355,7 @@ def explain(
     tau: TauOpt = 0.9,
     beta: BetaOpt = None,
     slack: SlackOpt = None,
+    threshold: ThresholdOpt = None,
     collection: CollectionOpt = None,
     fraction: FractionPick = None,
     only_correct: OnlyCorrectPick = None,
@@ -386,7 +391,7 @@ def explain(
         raise typer.BadParameter(f"{len(pair)} --pair values for {len(texts)} texts; give one per text",
                                  param_hint="--pair")
     one = parse_tasks(task)[0]
-    knobs = _knobs(policy, k, tau, beta, slack)
+    knobs = _knobs(policy, k, tau, beta, slack, threshold)
     responses = run_explain(texts, one, model=_model(model, encoder, cache_dir), db_uri=db, pairs=pair or None,
                             token=token, selector=_selector(collection, fraction, only_correct, head), policy=policy,
                             knobs=knobs)
@@ -414,6 +419,7 @@ def score(
     tau: TauOpt = 0.9,
     beta: BetaOpt = None,
     slack: SlackOpt = None,
+    threshold: ThresholdOpt = None,
     limit: LimitOpt = None,
     collection: CollectionOpt = None,
     fraction: FractionPick = None,
@@ -442,7 +448,7 @@ def score(
     one = parse_tasks(task)[0]
     report = score_split(one, model=_model(model, encoder, cache_dir, batch_size), db_uri=db, token=token,
                          selector=_selector(collection, fraction, only_correct, head), policy=policy,
-                         knobs=_knobs(policy, k, tau, beta, slack), limit=limit, data_dir=data_dir,
+                         knobs=_knobs(policy, k, tau, beta, slack, threshold), limit=limit, data_dir=data_dir,
                          batch_size=batch_size, quiet=quiet)
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
@@ -549,6 +555,7 @@ def serve(
     tau: TauOpt = 0.9,
     beta: BetaOpt = None,
     slack: SlackOpt = None,
+    threshold: ThresholdOpt = None,
     collection: CollectionOpt = None,
     fraction: FractionPick = None,
     only_correct: OnlyCorrectPick = None,
@@ -594,7 +601,7 @@ def serve(
     if neighbour_texts not in ("off", "key", "on"):
         raise typer.BadParameter(f"{neighbour_texts!r}: use off, key or on", param_hint="--neighbour-texts")
     options = ServeOptions(host=host, port=port, replicas=replicas, policy=policy,
-                           knobs=_knobs(policy, k, tau, beta, slack), neighbour_texts=neighbour_texts,
+                           knobs=_knobs(policy, k, tau, beta, slack, threshold), neighbour_texts=neighbour_texts,
                            write_token=write_token,
                            limits=Limits(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
                                          max_texts=max_texts, max_text_chars=max_text_chars))

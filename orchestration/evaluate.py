@@ -45,6 +45,7 @@ from raee.backbones import Backbone
 from raee.calibration import Calibration, fit_calibration
 from raee.exit_policy import (
     CalibratedExitPolicy,
+    ConfidentPolicy,
     ExitPolicy,
     FusedPolicy,
     Policy,
@@ -52,6 +53,8 @@ from raee.exit_policy import (
     calibrated_view,
     closest,
     confidence_exit,
+    entropy,
+    fuse,
     knn_vote,
     oracle_exit,
 )
@@ -137,7 +140,7 @@ class TaskResult:
     constant_share: list[float] = field(default_factory=list)  # (L+1,) share given the layer's commonest class
     constant_share_calibrated: list[float] = field(default_factory=list)
     offramp: dict = field(default_factory=dict)  # head "offramp": its name, fused knobs, per-layer test scores
-    peer_params: dict[str, float | list[int]] = field(default_factory=dict)  # thresholds and blocks chosen
+    peer_params: dict[str, object] = field(default_factory=dict)  # thresholds, knobs and blocks chosen
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -241,17 +244,23 @@ def _evaluate_head(view: _HeadView, task: Task, backbone: Backbone, encoder: Key
     records = _write(task, tr, raw_db, wo_db, rebuild=config.rebuild)
     cal_probs = calibration.apply(t.layer_probs)  # (N, L+1, C)
 
-    fused, grid = tune_fused(calibrated_view(raw_db.search(u.keys, k=config.k), calibration), u, calibration, task,
-                             config, n_layers)
+    found_u = raw_db.search(u.keys, k=config.k)
+    fused, grid = tune_fused(calibrated_view(found_u, calibration), u, calibration, task, config, n_layers)
+    confident, confident_grid = tune_confident(found_u, u, calibration, task, config, n_layers)
     policies: dict[str, Policy] = {"raee": ExitPolicy(tau=config.tau, k=config.k),
-                                   "raee_cal": CalibratedExitPolicy(tau=config.tau, k=config.k), "fused": fused}
+                                   "raee_cal": CalibratedExitPolicy(tau=config.tau, k=config.k), "fused": fused,
+                                   "confident": confident}
     found = raw_db.search(t.keys, k=max((config.k, *config.k_sweep)))
     found_cal = calibrated_view(closest(found, config.k), calibration)
     exits = {"full": np.full(len(t.data), n_layers), "oracle": oracle_exit(t.layer_probs, t.labels)}
     preds = {method: _preds_at(t.layer_probs, layers) for method, layers in exits.items()}
     for method, policy in policies.items():
         nb = found_cal if policy.calibrated else found
-        exits[method] = policy.exit_layers(nb)
+        if method == "confident":
+            exits[method] = policy.exit_layers_recorded(calibration.apply(t.layer_probs),
+                                                        policy.prior(nb, task.n_classes))
+        else:
+            exits[method] = policy.exit_layers(nb)
         preds[method] = answers(policy, t.layer_probs, exits[method], nb, calibration if policy.calibrated else None)
     exits["full_cal"] = exits["full"]
     preds["full_cal"] = cal_probs[:, -1].argmax(-1)  # the full model with the last layer's calibration
@@ -277,6 +286,9 @@ def _evaluate_head(view: _HeadView, task: Task, backbone: Backbone, encoder: Key
     curve = [{"slack": slack, **_policy_point(FusedPolicy(config.k, fused.beta, slack, fused.alpha), found_cal, t,
                                               task, calibration)} for slack in config.curve_slacks]
     fused_params = {"k": fused.k, "beta": fused.beta, "slack": fused.slack, "alpha": fused.alpha}
+    result.peer_params["confident" + sfx] = {"beta": confident.beta, "threshold": confident.threshold,
+                                            "tune_score": confident_grid["score"],
+                                            "tune_mean_exit": confident_grid["mean_exit"]}
     if view.name == "offramp":
         result.offramp = {"head": view.head.name, "fused_params": fused_params, "tune_grid": grid,
                           "layer_scores": scores.tolist(), "depth_curve": curve,
@@ -426,6 +438,36 @@ def tune_fused(found: Neighbours, tune: _Pass, calibration: Calibration, task: T
     best = (max(fits, key=lambda g: (round(g["score"], 9), -g["mean_exit"])) if fits
             else min(grid, key=lambda g: g["mean_exit"]))
     return FusedPolicy(k=config.k, beta=best["beta"], slack=best["slack"]), grid
+
+
+def tune_confident(found: Neighbours, tune: _Pass, calibration: Calibration, task: Task, config: EvalConfig,
+                   n_layers: int) -> tuple[ConfidentPolicy, dict[str, float]]:
+    """The (beta, threshold) that score best on the tuning slice with a mean exit within the budget (ties: the
+    shallower); beta from 0 (DeeBERT's rule on the head alone) to the fused policy's grid, thresholds from the
+    slice's own entropies."""
+    cal_probs = calibration.apply(tune.layer_probs)  # (N, L+1, C)
+    best: tuple[float, float, ConfidentPolicy] | None = None
+    for beta in (0.0, *config.fused_betas):
+        probe = ConfidentPolicy(k=config.k, beta=beta, threshold=0.0)
+        prior = probe.prior(found, task.n_classes)
+        signal = entropy(fuse(cal_probs, prior[:, None, :], beta))[:, probe.min_layer:]  # (N, L+1 - min_layer)
+        candidates = peers.candidate_thresholds(signal, n=33)
+        for threshold in candidates:
+            policy = ConfidentPolicy(k=config.k, beta=beta, threshold=float(threshold))
+            layers = policy.exit_layers_recorded(cal_probs, prior)
+            mean_exit = float(layers.mean()) if len(layers) else 0.0
+            if mean_exit > config.depth_budget * n_layers:
+                continue
+            value = score(task, answers(policy, tune.layer_probs, layers, found, calibration), tune.labels)
+            key = (round(value, 9), -mean_exit)
+            if best is None or key > (round(best[0], 9), -best[1]):
+                best = (value, mean_exit, policy)
+    if best is None:  # no setting within the budget: the earliest exits (every layer from min_layer is confident)
+        policy = ConfidentPolicy(k=config.k, beta=0.0, threshold=float("inf"))
+        layers = policy.exit_layers_recorded(cal_probs, policy.prior(found, task.n_classes))
+        best = (score(task, answers(policy, tune.layer_probs, layers, found, calibration), tune.labels),
+                float(layers.mean()), policy)
+    return best[2], {"score": best[0], "mean_exit": best[1]}
 
 
 def _record(backbone: Backbone, encoder: KeyEncoder, data: Dataset, config: EvalConfig, quiet: bool) -> _Pass:

@@ -10,6 +10,7 @@ METHOD_TITLES: dict[str, str] = {
     "raee_wo": "RAEE w/o (only-correct db)",
     "raee_cal": "RAEE, calibrated view",
     "fused": "Fused: calibrated layer x neighbour vote (default)",
+    "confident": "Confident: entropy exit on layer x vote",
     "fixed_trunc": "Fixed truncation at RAEE's mean exit",
     "confidence": "Confidence exit (zero-shot)",
     "knn": "kNN label vote (no backbone)",
@@ -28,9 +29,11 @@ METHOD_TITLES: dict[str, str] = {
     "raee_or": "Off-ramp head: RAEE (Eq. 4-6)",
     "raee_cal_or": "Off-ramp head: RAEE, calibrated view",
     "fused_or": "Off-ramp head: fused",
+    "confident_or": "Off-ramp head: confident",
     "oracle_or": "Off-ramp head: oracle",
 }
 METHODS: list[str] = list(METHOD_TITLES)
-ENGINE_METHODS: dict[str, str] = {"raee": "raee", "raee_cal": "raee-cal", "fused": "fused"}  # method -> policy
+ENGINE_METHODS: dict[str, str] = {"raee": "raee", "raee_cal": "raee-cal", "fused": "fused",
+                                  "confident": "confident"}  # method -> policy
 HEADLINE = "fused"  # the default policy's method: what --fail-under checks
 PEERS = ("deebert", "adainfer", "calm_sr", "calm_sr_tuned", "calm_sat", "calm_sat_tuned", "sleb")

@@ -415,10 +415,12 @@ def _take_rows(value: Any, rows: torch.Tensor, full_batch: int) -> Any:
 class _ExitRun:
     """Hook state for one forward: which rows are still in the stream, and the states recorded so far."""
 
-    def __init__(self, exit_layers: torch.Tensor, reads: list[torch.Tensor], record_all: bool):
-        self.exit_layers = exit_layers  # (R,) the layer each row leaves at
+    def __init__(self, exit_layers: torch.Tensor, reads: list[torch.Tensor], record_all: bool,
+                 decide: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+        self.exit_layers = exit_layers  # (R,) the layer each row leaves at (an upper bound when `decide` is set)
         self.reads = reads  # per stack (R, K) positions read per row
         self.record_all = record_all  # recorded pass: every layer a row passes, for every row
+        self.decide = decide  # dynamic exits: (layer, rows, (n, K, H) states) -> (n,) bool, leave here now
         self.n_rows = len(exit_layers)
         self.active = torch.arange(self.n_rows, device=exit_layers.device)  # rows still in the stream
         self.n_entry = self.n_rows  # rows that entered the current stack
@@ -430,6 +432,12 @@ class _ExitRun:
 
     def leave(self, layer_idx: int, stack_idx: int, hidden: torch.Tensor) -> torch.Tensor:
         """Record states at layer_idx (rows exiting there, or all); return the hidden of the rows that stay."""
+        if self.decide is not None and len(self.active):
+            staying = self.exit_layers[self.active] > layer_idx
+            if staying.any():  # ask the rule about the rows that could still go deeper
+                rows = self.active[staying]
+                stop = self.decide(layer_idx, rows, self._read(hidden, staying, rows, stack_idx))
+                self.exit_layers[rows[stop]] = layer_idx
         exiting = self.exit_layers[self.active] == layer_idx
         recorded = torch.ones_like(exiting) if self.record_all else exiting
         if recorded.any():
@@ -446,6 +454,15 @@ class _ExitRun:
         if positions.shape[1] == 1:  # one gather, as the single-token read-out always did
             return hidden[selected, positions[:, 0]][:, None]
         return hidden[selected][torch.arange(len(rows), device=hidden.device)[:, None], positions]
+
+
+def _decide(stop: Callable[[int, np.ndarray, np.ndarray], np.ndarray], read: Callable[[int, torch.Tensor], np.ndarray],
+            examples: np.ndarray, min_layer: int, layer: int, rows: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """A dynamic exit's decision for the rows of one batch at one layer: stop(layer, examples, probs) -> bool."""
+    if layer < min_layer:
+        return torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+    mask = np.asarray(stop(layer, examples[rows.cpu().numpy()], read(layer, states)), dtype=bool)
+    return torch.from_numpy(mask).to(rows.device)
 
 
 class _StopForward(Exception):
@@ -618,6 +635,52 @@ class Backbone:
         return self._predict(texts, task, layers, pairs, head, batch_size, show_progress, self.family.stacks)
 
     @torch.no_grad()
+    def predict_until(
+        self,
+        texts: Sequence[str],
+        task: Task,
+        stop: Callable[[int, np.ndarray, np.ndarray], np.ndarray],
+        *,
+        pairs: Sequence[str] | None = None,
+        head: ExitHead | None = None,
+        min_layer: int = 0,
+        batch_size: int | None = None,
+    ) -> Predictions:
+        """Run each text until stop(l, examples, probs) says so (from layer min_layer on), or to L; classify there.
+
+        stop gets the layer l, the (n,) indices into texts of the examples still running and their (n, C) label
+        distributions at l (the LM head's label words, or `head`), and returns (n,) bool: leave at l. A row that
+        leaves at l has run exactly l blocks, and its answer is the distribution `stop` saw there, so the exit
+        layers equal those a rule applied to the recorded layers (`layer_pass`) picks. One row per example:
+        label words under the sum rule need a `head`; decoder-only and masked LMs."""
+        labels = self.label_tokens(task)
+        if labels.summed and head is None:
+            raise BackboneError(f"task {task.name}'s label words need the sum rule ({self.name}), which reads C rows "
+                                "per example; a confidence exit needs one read-out per row: use an exit head")
+        if self.family.name == "encoder-decoder":
+            raise BackboneError(f"{self.name}: confidence exits run on decoder-only and masked LMs")
+        if not 0 <= min_layer <= self.n_layers:
+            raise BackboneError(f"min_layer must lie in [0, {self.n_layers}], got {min_layer}")
+        prompts = self._prompts(texts, task, pairs, labels)
+        plan = self._plan(len(texts), None, np.full(len(texts), self.n_layers, dtype=np.int64), None)
+        out = np.zeros((len(texts), task.n_classes), dtype=np.float32)
+        exits = np.full(len(texts), self.n_layers, dtype=np.int64)
+
+        def read(layer: int, states: torch.Tensor) -> np.ndarray:
+            if head is not None:
+                return self._head_probs(head, layer, states, task.n_classes)
+            return self._first_token_probs(layer, states, labels).cpu().numpy()
+
+        for idx, run in self._runs(prompts, plan, labels, batch_size, False, record_all=False,
+                                   stacks=self.family.stacks, n_read=1,
+                                   decide=lambda idx: partial(_decide, stop, read, plan.example[idx], min_layer)):
+            for layer, (rows, layer_states) in run.states.items():
+                r = plan.example[idx[rows.cpu().numpy()]]
+                out[r], exits[r] = read(layer, layer_states), layer
+        truncated = np.array([p.truncated for p in prompts], dtype=bool)
+        return Predictions(out.argmax(axis=1).astype(np.int64), out, exits, truncated)
+
+    @torch.no_grad()
     def predict_blocks(self, texts: Sequence[str], task: Task, blocks: Sequence[int], *,
                        pairs: Sequence[str] | None = None, head: ExitHead | None = None,
                        batch_size: int | None = None) -> Predictions:
@@ -724,8 +787,8 @@ class Backbone:
         return probs
 
     def _runs(self, prompts: list[_Prompt], plan: _Plan, labels: LabelTokens, batch_size: int | None,
-              show_progress: bool, *, record_all: bool, stacks: tuple[Stack, ...],
-              n_read: int) -> Iterator[tuple[np.ndarray, _ExitRun]]:
+              show_progress: bool, *, record_all: bool, stacks: tuple[Stack, ...], n_read: int,
+              decide: Callable[[np.ndarray], Callable] | None = None) -> Iterator[tuple[np.ndarray, _ExitRun]]:
         """Yield (plan row indices, finished run) per mini-batch of rows; batches group similar exits and lengths."""
         lengths = np.array([len(prompts[b].text) for b in plan.example], dtype=np.int64)
         order = np.lexsort((lengths, plan.exit_layers))  # by exit layer, then prompt length
@@ -737,10 +800,11 @@ class Backbone:
                 prompt, c = prompts[plan.example[r]], plan.label[r]
                 prefix = labels.tokens[c][:-1] if c >= 0 else ()
                 rows.append(self.family.layout(prompt.ids, prompt.answer, prefix, int(plan.exit_layers[r])))
-            yield idx, self._forward(rows, plan.exit_layers[idx], record_all, stacks, n_read)
+            yield idx, self._forward(rows, plan.exit_layers[idx], record_all, stacks, n_read,
+                                     decide(idx) if decide is not None else None)
 
     def _forward(self, rows: list[_Row], exit_layers: np.ndarray, record_all: bool, stacks: tuple[Stack, ...],
-                 n_read: int) -> _ExitRun:
+                 n_read: int, decide: Callable | None = None) -> _ExitRun:
         inputs = [_pad([row.ids[s] for row in rows], self.tokenizer.pad_token_id, self.device)
                   for s in range(len(rows[0].ids))]
         reads = []
@@ -748,7 +812,7 @@ class Backbone:
             answers = torch.tensor([row.answers[s] for row in rows], device=self.device)
             offsets = torch.arange(n_read, device=self.device)
             reads.append((answers[:, None] + offsets).clamp(max=ids.shape[1] - 1))  # (R, K) past the end: unused
-        run = _ExitRun(torch.as_tensor(exit_layers, device=self.device), reads, record_all)
+        run = _ExitRun(torch.as_tensor(exit_layers, device=self.device).clone(), reads, record_all, decide)
         with _exit_hooks(stacks, run):
             try:
                 self.family.run(inputs)

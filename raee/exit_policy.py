@@ -5,14 +5,15 @@ loop over queries, neighbours or layers. Layer 0 is the embedding output and lay
 so a score or probability array over layers has L+1 columns. Decisions on the edge cases (no layer above
 tau, exact duplicates, padding, nothing accumulated, ties) are explained in docs/exit-policy.md.
 
-Policies register by name in POLICIES: "raee" (the paper), "raee-cal" (the same over a calibrated database)
-and "fused" (calibrated layer x neighbour vote, docs/exit-policies.md).
+Policies register by name in POLICIES: "raee" (the paper), "raee-cal" (the same over the calibrated view),
+"fused" (calibrated layer x neighbour vote) and "confident" (an entropy exit on that fusion, decided during the
+forward); docs/exit-policies.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -332,6 +333,65 @@ class FusedPolicy:
         return fuse(probs, prior, self.beta)
 
 
+def entropy(probs: np.ndarray) -> np.ndarray:
+    """H[...] = -sum_c p[..., c] log p[..., c] in nats (0 log 0 = 0): probs (..., C) -> (...)."""
+    p = np.asarray(probs, dtype=np.float64)
+    return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
+
+
+@dataclass(frozen=True)
+class ConfidentPolicy:
+    """Exit at the first layer whose answer is confident - the layer's (calibrated) distribution fused with the
+    neighbours' vote has entropy <= threshold - and answer with that fusion.
+
+    beta = 0 is DeeBERT's entropy exit on the example alone; the neighbours' vote (beta > 0) sharpens the answer
+    where they agree (an earlier exit) and blurs it where they disagree (a later one). The exit is decided during
+    the forward (the engine's dynamic exit, Backbone.predict_until), from min_layer on; L when no layer is
+    confident. With trained off-ramps (`--head offramp`) this is RAEE absorbing DeeBERT (docs/exit-policies.md)."""
+
+    k: int = 12
+    beta: float = 1.0
+    threshold: float = 0.3  # nats; tune it per task (raee eval), it depends on the number of classes
+    alpha: float = 1.0
+    min_layer: int = 1
+    calibrated: bool = field(default=True, init=False)
+    dynamic: ClassVar[bool] = True  # decided during the forward: the engine calls prior/stops, not exit_layers
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.beta < 0 or self.threshold < 0 or self.alpha <= 0 or self.min_layer < 0:
+            raise ValueError(f"need beta >= 0, threshold >= 0, alpha > 0 and min_layer >= 0, got {self}")
+
+    def prior(self, neighbours: Neighbours, n_classes: int) -> np.ndarray:
+        """pi[n, c]: the smoothed vote of the k closest valid neighbours (knn_prior) -> (N, C)."""
+        nb = closest(neighbours, self.k)
+        return knn_prior(neighbour_weights(nb.distances, valid=nb.valid), nb.labels, n_classes, alpha=self.alpha)[0]
+
+    def stops(self, layer_probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
+        """stop[n] = H(fuse(p[n], pi[n], beta)) <= threshold: probs (n, C), prior (n, C) -> (n,) bool."""
+        return entropy(fuse(layer_probs, prior, self.beta)) <= self.threshold
+
+    def exit_layers_recorded(self, layer_probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
+        """The exits the engine reaches, read from recorded layers: the first l >= min_layer that stops, else L.
+
+        layer_probs (N, L+1, C) (calibrated when the policy is), prior (N, C) -> (N,) int64."""
+        fused = fuse(np.asarray(layer_probs, dtype=np.float64), np.asarray(prior)[:, None, :], self.beta)
+        confident = entropy(fused) <= self.threshold  # (N, L+1)
+        confident[:, : self.min_layer] = False
+        n_layers = confident.shape[1] - 1
+        return np.where(confident.any(axis=1), np.argmax(confident, axis=1), n_layers).astype(np.int64)
+
+    def exit_layers(self, neighbours: Neighbours) -> np.ndarray:
+        raise TypeError("the confident policy decides each exit during the forward from the layer's own "
+                        "distribution: use exit_layers_recorded(layer_probs, prior), or the engine")
+
+    def final_probs(self, exit_probs: np.ndarray, neighbours: Neighbours) -> np.ndarray:
+        """fuse(exit-layer distribution, the neighbours' vote): (N, C) -> (N, C)."""
+        probs = np.asarray(exit_probs, dtype=np.float64)
+        return fuse(probs, self.prior(neighbours, probs.shape[1]), self.beta)
+
+
 def closest(neighbours: Neighbours, k: int) -> Neighbours:
     """The k closest valid neighbours of each row (padding sorts last; stable among equal distances)."""
     if neighbours.distances.shape[1] <= k:
@@ -360,7 +420,8 @@ def answer_probs(policy: Policy, exit_probs: np.ndarray, exit_layers: np.ndarray
 
 
 # Policies by name, for configs and the CLI: name -> a constructor taking the policy's keyword parameters.
-POLICIES: dict[str, type[Policy]] = {"raee": ExitPolicy, "raee-cal": CalibratedExitPolicy, "fused": FusedPolicy}
+POLICIES: dict[str, type[Policy]] = {"raee": ExitPolicy, "raee-cal": CalibratedExitPolicy, "fused": FusedPolicy,
+                                     "confident": ConfidentPolicy}
 DEFAULT_POLICY = "fused"  # the best measured (docs/results.md); "raee" is the paper's
 
 

@@ -133,6 +133,49 @@ def test_layer_pass_records_layer_probs_exactly_and_the_states_heads_read(tiny_b
     np.testing.assert_allclose(pred.probs, expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("use_head", [False, True])
+def test_confidence_exits_stop_where_the_recorded_layers_say_and_run_only_their_blocks(tiny_backbone_reused,
+                                                                                      use_head):
+    """predict_until: a rule on each layer's distribution decides the exit during the forward; the exits equal the
+    rule applied to the recorded layers (first layer >= min_layer where it holds, else L), the answers are the
+    recorded distributions there, and each example runs exactly its exit layer's blocks."""
+    backbone = tiny_backbone_reused
+    if backbone.family.name == "encoder-decoder":
+        with pytest.raises(BackboneError, match="decoder-only and masked"):
+            backbone.predict_until(SENTENCES, SST2, lambda layer, rows, probs: probs.max(1) > 0.5)
+        return
+    recorded = backbone.layer_pass(SENTENCES, SST2)
+    head = head_for(backbone, SST2) if use_head else None
+    probs = (np.stack([head.probs(layer, recorded.states[:, layer]) for layer in range(backbone.n_layers + 1)],
+                      axis=1) if use_head else recorded.probs)  # (B, L+1, C)
+    threshold = float(np.median(probs.max(-1)))  # some examples stop early, some never do
+    seen: list[tuple[int, list[int]]] = []
+
+    def stop(layer: int, rows: np.ndarray, layer_probs: np.ndarray) -> np.ndarray:
+        seen.append((layer, sorted(rows.tolist())))
+        np.testing.assert_allclose(layer_probs, probs[rows, layer], atol=1e-4)
+        return layer_probs.max(1) > threshold
+
+    with count_block_rows(backbone) as counts:
+        pred = backbone.predict_until(SENTENCES, SST2, stop, head=head, min_layer=1)
+    confident = probs.max(-1) > threshold  # (B, L+1)
+    confident[:, 0] = False  # min_layer=1
+    expected = np.where(confident.any(1), confident.argmax(1), backbone.n_layers)
+    np.testing.assert_array_equal(pred.exit_layers, expected)
+    np.testing.assert_allclose(pred.probs, probs[np.arange(len(SENTENCES)), expected], atol=1e-4)
+    assert counts == [int((expected > k).sum()) for k in range(backbone.n_layers)]
+    assert 0 not in {layer for layer, _ in seen}  # never asked below min_layer
+    assert backbone.n_layers not in {layer for layer, _ in seen}  # at L everything leaves without asking
+
+
+def test_confidence_exits_need_one_read_out_per_row():
+    backbone = tiny_backbone("llama")
+    with pytest.raises(BackboneError, match="sum rule"):
+        backbone.predict_until(SENTENCES, MULTI, lambda layer, rows, probs: probs.max(1) > 0.5)
+    with pytest.raises(BackboneError, match="min_layer"):
+        backbone.predict_until(SENTENCES, SST2, lambda layer, rows, probs: probs.max(1) > 0.5, min_layer=99)
+
+
 def test_families_name_their_adapter_and_template(tiny_backbone_reused):
     family = tiny_backbone_reused.family
     expected = {"decoder": "causal", "masked": "mlm", "encoder-decoder": "causal"}

@@ -157,20 +157,23 @@ def test_one_build_serves_every_policy_and_each_request_may_pick_one(setup_reuse
     db = dbs["sst2"]
     cal = db.calibration
     assert cal is not None and cal.n_examples == 30
-    policies = all_policies(k=5, tau=0.6, slack=0.1)
+    policies = all_policies(k=5, tau=0.6, slack=0.1, threshold=0.6)
     engine = BatchEngine(backbone, encoder, {"sst2": ServedTask(SST2, db)}, policies, "fused")
     found = db.search(encoder.encode(QUERIES), k=5)  # independent reference, from recorded layers
     all_layers = backbone.layer_probs(QUERIES, SST2)
     for name, policy in policies.items():
         view = calibrated_view(found, cal) if policy.calibrated else found
-        exits = policy.exit_layers(view)
+        if name == "confident":  # decided during the forward: the same rule on the recorded layers
+            exits = policy.exit_layers_recorded(cal.apply(all_layers), policy.prior(view, SST2.n_classes))
+        else:
+            exits = policy.exit_layers(view)
         at_exit = all_layers[np.arange(len(QUERIES)), exits]
         expected = policy.final_probs(cal.apply_at(at_exit, exits) if policy.calibrated else at_exit, view)
         responses = engine.classify(QUERIES, "sst2", policy=name)
         assert [r.exit_layer for r in responses] == exits.tolist(), name
         assert {r.policy for r in responses} == {name}
         np.testing.assert_allclose([r.probs for r in responses], expected, atol=1e-5)
-    assert isinstance(policies["fused"], FusedPolicy)
+    assert isinstance(policies["fused"], FusedPolicy) and set(policies) == {"raee", "raee-cal", "fused", "confident"}
     assert [r.policy for r in engine.classify(QUERIES[:1], "sst2")] == ["fused"]  # the default
     mixed = engine.run([Request(QUERIES[0], "sst2", policy="raee"), Request(QUERIES[0], "sst2"),
                         Request(QUERIES[0], "sst2", policy="full")])

@@ -31,7 +31,8 @@ def test_every_method_is_scored_and_the_engine_matches_the_recorded_layers(tiny_
     lm_methods = [m for m in METHODS if m not in PEERS and not m.endswith("_or")]  # the default: LM head, no peers
     assert set(result.scores) == set(lm_methods) and set(result.mean_exit) == set(lm_methods)
     # every retrieval policy's engine run (truncated forwards) equals the recorded-layer reading
-    assert result.engine_mismatches == {"raee": 0, "raee_cal": 0, "fused": 0} and result.engine_checked == 24
+    assert result.engine_mismatches == {"raee": 0, "raee_cal": 0, "fused": 0, "confident": 0}
+    assert result.engine_checked == 24
     assert result.mean_exit["full"] == backbone.n_layers
     # the oracle is right wherever any layer is right: an upper bound for every raw-layer method
     for method in ("full", "raee", "raee_wo", "fixed_trunc", "confidence"):
@@ -108,9 +109,10 @@ def test_offramp_head_and_peers_are_scored_from_the_training_split_only(tiny_set
                         fused_slacks=(0.0, 0.2), curve_slacks=(0.0,), heads=("lm", "offramp"), peers=True,
                         offramp_folds=3, sleb_prompts=8, cache_dir=str(tmp_path / "cache"))
     result = evaluate_task(SST2, backbone, encoder, config, data_dir=str(data_dir), quiet=True)
-    for method in (*PEERS, "full_or", "raee_or", "raee_cal_or", "fused_or", "oracle_or"):
+    for method in (*PEERS, "full_or", "raee_or", "raee_cal_or", "fused_or", "confident_or", "oracle_or"):
         assert method in result.scores and 0 <= result.mean_exit[method] <= backbone.n_layers, method
     assert result.engine_mismatches["raee_or"] == result.engine_mismatches["fused_or"] == 0
+    assert result.engine_mismatches["confident"] == result.engine_mismatches["confident_or"] == 0
     assert result.offramp["head"].startswith("offramp:") and len(result.offramp["layer_scores"]) == 5
     assert result.mean_exit["sleb"] == backbone.n_layers - int(0.6 * backbone.n_layers)
     assert len(result.peer_params["sleb_kept_blocks"]) == 2 and "deebert_entropy" in result.peer_params

@@ -10,6 +10,7 @@ from hypothesis.extra.numpy import arrays
 
 from raee.exit_policy import (
     POLICIES,
+    ConfidentPolicy,
     ExitPolicy,
     FusedPolicy,
     choose_exit_layers,
@@ -136,7 +137,7 @@ def test_policy_registry():
     assert get_policy("raee", tau=0.8, k=4) == ExitPolicy(tau=0.8, k=4)
     assert get_policy("raee-cal", k=4).calibrated and not get_policy("raee").calibrated
     assert get_policy("fused", beta=2.0, slack=0.1) == FusedPolicy(beta=2.0, slack=0.1)
-    with pytest.raises(ValueError, match="known policies: fused, raee, raee-cal"):
+    with pytest.raises(ValueError, match="known policies: confident, fused, raee, raee-cal"):
         get_policy("nope")
     with pytest.raises(ValueError, match="accepts"):
         get_policy("raee", calibrated=True)  # fixed by the policy's name, not a parameter
@@ -144,6 +145,31 @@ def test_policy_registry():
         get_policy("raee", tua=0.8)
     with pytest.raises(ValueError, match="tau"):
         ExitPolicy(tau=1.5)
+
+
+def test_confident_policy_by_hand():
+    # one query, two neighbours at distances 1 and 2 (weights 1, 1/2), labels 0 and 1: votes (1, 0.5); with
+    # alpha 1 the prior is (2, 1.5) / 3.5 = (4/7, 3/7)
+    nb = Neighbours(ids=np.array([[1, 2]]), distances=np.array([[1.0, 2.0]]), exit_probs=np.zeros((1, 2, 3)),
+                    labels=np.array([[0, 1]]))
+    policy = ConfidentPolicy(k=2, beta=1.0, threshold=0.5, min_layer=1)
+    np.testing.assert_allclose(policy.prior(nb, 2), [[4 / 7, 3 / 7]])
+    # layers 0..2 of the query: (0.99, 0.01) at layer 0 is never asked (min_layer 1); layer 1 (0.5, 0.5) fused
+    # with the prior gives (4/7, 3/7), entropy 0.683 > 0.5; layer 2 (0.9, 0.1) gives (36, 3) / 39, entropy 0.271
+    probs = np.array([[[0.99, 0.01], [0.5, 0.5], [0.9, 0.1]]])
+    prior = policy.prior(nb, 2)
+    assert policy.exit_layers_recorded(probs, prior).tolist() == [2]
+    np.testing.assert_allclose(policy.final_probs(probs[:, 2], nb), [[36 / 39, 3 / 39]])
+    np.testing.assert_array_equal(policy.stops(probs[0, 1:], np.repeat(prior, 2, 0)), [False, True])
+    assert ConfidentPolicy(threshold=0.0).exit_layers_recorded(probs, prior).tolist() == [2]  # never confident: L
+    with pytest.raises(TypeError, match="during the forward"):
+        policy.exit_layers(nb)
+    # beta = 0 is DeeBERT's entropy exit on the layer alone
+    from raee import peers
+
+    zero = ConfidentPolicy(beta=0.0, threshold=0.3, min_layer=0)
+    np.testing.assert_array_equal(zero.exit_layers_recorded(probs, prior), peers.entropy_exit(probs, 0.3 + 1e-12))
+    assert get_policy("confident", threshold=0.2, beta=0.5) == ConfidentPolicy(threshold=0.2, beta=0.5)
 
 
 def test_knn_vote_by_hand():
