@@ -41,6 +41,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 
 import grpc
 from pymilvus import MilvusClient
@@ -49,8 +50,8 @@ from pymilvus.exceptions import MilvusException
 READER_ROLE, WRITER_ROLE = "raee_reader", "raee_writer"
 READER_USER, WRITER_USER = "raee_reader", "raee_writer"
 
-# (object type, privilege): what ExitDB's open / search / count call on a server. GetStatistics comes last in
-# both lists: it is the sentinel create_roles waits for (see _wait_effective).
+# (object type, privilege): what ExitDB's open / search / count call on a server. create_roles waits until the
+# proxy applies the ones a build reaches last (see _PROBES).
 READER_PRIVILEGES: tuple[tuple[str, str], ...] = (
     ("Global", "DescribeCollection"),  # has_collection, describe_collection (metadata guard)
     ("Global", "ShowCollections"),
@@ -116,8 +117,8 @@ def create_roles(uri: str, root_token: str, *, reader_password: str, writer_pass
     finally:
         client.close()
     if collection == "*":  # a named collection may not exist yet, so there is nothing to probe
-        for token in tokens.values():
-            _wait_effective(uri, token, timeout_s, effective_timeout_s, db_name)
+        for kind, token in tokens.items():
+            _wait_effective(uri, token, timeout_s, effective_timeout_s, db_name, _PROBES[kind])
     return tokens
 
 
@@ -206,24 +207,38 @@ def _client(uri: str, token: str, timeout_s: float, db_name: str = "") -> Milvus
     return MilvusClient(uri=uri, token=token, timeout=timeout_s, **({"db_name": db_name} if db_name else {}))
 
 
-def _wait_effective(uri: str, token: str, timeout_s: float, effective_timeout_s: float, db_name: str = "") -> None:
-    """Block until the proxy lets `token` use its role's last grant (GetStatistics), probed on a missing
-    collection: refused -> not applied yet; "collection not found" (or stats) -> applied, with the grants
-    before it (the server applies them in order)."""
+# Calls that pass a privilege check before they look the (missing) probe collection up. The proxy applies grants
+# in no promised order (seen in CI: a writer past GetStatistics still refused GetFlushState at its first flush), so
+# each privilege a build calls last is probed on its own.
+_Probe = Callable[[MilvusClient, float], object]
+_PROBES: dict[str, tuple[_Probe, ...]] = {
+    "reader": (lambda c, t: c.get_collection_stats(_PROBE_COLLECTION, timeout=t),),
+    "writer": (lambda c, t: c.get_collection_stats(_PROBE_COLLECTION, timeout=t),
+               lambda c, t: c.flush(_PROBE_COLLECTION, timeout=t),
+               lambda c, t: c._get_connection().get_flush_state([], _PROBE_COLLECTION, 0, timeout=t,
+                                                                 context=c._generate_call_context())),
+}
+
+
+def _wait_effective(uri: str, token: str, timeout_s: float, effective_timeout_s: float, db_name: str = "",
+                    probes: tuple[_Probe, ...] = _PROBES["reader"]) -> None:
+    """Block until the proxy lets `token` past each probe's privilege check, probed on a missing collection:
+    refused -> not applied yet; "collection not found" (or an answer) -> applied."""
     client = _client(uri, token, timeout_s, db_name)
     deadline = time.monotonic() + effective_timeout_s
     try:
-        while True:
-            try:
-                client.get_collection_stats(_PROBE_COLLECTION, timeout=timeout_s)
-                return
-            except (MilvusException, grpc.RpcError) as exc:  # pymilvus lets some refusals through raw
-                if "permission" not in str(exc).lower():
-                    return  # past the privilege check
-            if time.monotonic() > deadline:
-                raise RolesError(f"milvus roles: grants for {token.split(':', 1)[0]} not in effect after "
-                                 f"{effective_timeout_s:.0f} s")
-            time.sleep(0.5)
+        for probe in probes:
+            while True:
+                try:
+                    probe(client, timeout_s)
+                    break
+                except (MilvusException, grpc.RpcError) as exc:  # pymilvus lets some refusals through raw
+                    if "permission" not in str(exc).lower():
+                        break  # past the privilege check
+                if time.monotonic() > deadline:
+                    raise RolesError(f"milvus roles: grants for {token.split(':', 1)[0]} not in effect after "
+                                     f"{effective_timeout_s:.0f} s")
+                time.sleep(0.5)
     finally:
         client.close()
 

@@ -246,10 +246,17 @@ def _evaluate_head(view: _HeadView, task: Task, backbone: Backbone, encoder: Key
 
     found_u = raw_db.search(u.keys, k=config.k)
     fused, grid = tune_fused(calibrated_view(found_u, calibration), u, calibration, task, config, n_layers)
-    confident, confident_grid = tune_confident(found_u, u, calibration, task, config, n_layers)
     policies: dict[str, Policy] = {"raee": ExitPolicy(tau=config.tau, k=config.k),
-                                   "raee_cal": CalibratedExitPolicy(tau=config.tau, k=config.k), "fused": fused,
-                                   "confident": confident}
+                                   "raee_cal": CalibratedExitPolicy(tau=config.tau, k=config.k), "fused": fused}
+    no_confident = backbone.rule_exit_unsupported(task, view.head)  # the engine could not run it: not reported
+    if no_confident is None:
+        confident, confident_grid = tune_confident(found_u, u, calibration, task, config, n_layers)
+        policies["confident"] = confident
+        result.peer_params["confident" + sfx] = {"beta": confident.beta, "threshold": confident.threshold,
+                                                "tune_score": confident_grid["score"],
+                                                "tune_mean_exit": confident_grid["mean_exit"]}
+    else:
+        result.peer_params["confident" + sfx] = {"unavailable": no_confident}
     found = raw_db.search(t.keys, k=max((config.k, *config.k_sweep)))
     found_cal = calibrated_view(closest(found, config.k), calibration)
     exits = {"full": np.full(len(t.data), n_layers), "oracle": oracle_exit(t.layer_probs, t.labels)}
@@ -276,19 +283,16 @@ def _evaluate_head(view: _HeadView, task: Task, backbone: Backbone, encoder: Key
 
     served = ServedTask(task, raw_db, view.head)
     engines = {m + sfx: BatchEngine(backbone, encoder, {task.name: served}, {p: policies[m]}, p)
-               for m, p in ENGINE_METHODS.items()}
+               for m, p in ENGINE_METHODS.items() if m in policies}
     n_check = len(t.data) if config.engine_check_examples is None else min(config.engine_check_examples, len(t.data))
     result.engine_checked = n_check
-    for m in ENGINE_METHODS:
+    for m in (m for m in ENGINE_METHODS if m in policies):
         result.engine_mismatches[m + sfx] = _engine_mismatches(engines[m + sfx], task, t.data.head(n_check),
                                                                exits[m][:n_check], preds[m][:n_check])
     scores, shares = layer_stats(task, t.layer_probs, t.labels)
     curve = [{"slack": slack, **_policy_point(FusedPolicy(config.k, fused.beta, slack, fused.alpha), found_cal, t,
                                               task, calibration)} for slack in config.curve_slacks]
     fused_params = {"k": fused.k, "beta": fused.beta, "slack": fused.slack, "alpha": fused.alpha}
-    result.peer_params["confident" + sfx] = {"beta": confident.beta, "threshold": confident.threshold,
-                                            "tune_score": confident_grid["score"],
-                                            "tune_mean_exit": confident_grid["mean_exit"]}
     if view.name == "offramp":
         result.offramp = {"head": view.head.name, "fused_params": fused_params, "tune_grid": grid,
                           "layer_scores": scores.tolist(), "depth_curve": curve,

@@ -45,7 +45,7 @@ def markdown(results: list[dict], *, header: dict) -> str:
     n_layers = results[0]["n_layers"]
     lines = [f"Backbone `{header['model']}`, key encoder `{header['encoder']}`, k={header['k']}, tau={header['tau']}, "
              f"confidence threshold {header['confidence_threshold']}; command: `{header['command']}`."]
-    methods = [m for m in METHODS if m in results[0]["scores"]]
+    methods = [m for m in METHODS if all(m in r["scores"] for r in results)]  # e.g. no confident on T5
     _table(lines, "### Scores (accuracy; Matthews correlation for CoLA), x100", tasks,
            [(METHOD_TITLES[m], [100 * r["scores"][m] for r in results]) for m in methods], ".1f")
     _table(lines, f"### Mean exit layer (of {n_layers}; 0 = embeddings, kNN runs no backbone)", tasks,

@@ -634,6 +634,17 @@ class Backbone:
             raise BackboneError(f"exit layers must lie in [0, {self.n_layers}] for {self.name}")
         return self._predict(texts, task, layers, pairs, head, batch_size, show_progress, self.family.stacks)
 
+    def rule_exit_unsupported(self, task: Task, head: ExitHead | None = None) -> str | None:
+        """Why predict_until cannot run this task (and head) here, or None: it needs one read-out row per example
+        and a single stack of blocks."""
+        if self.family.name == "encoder-decoder":
+            return f"{self.name}: exits decided during the forward run on decoder-only and masked LMs"
+        if head is None and self.label_tokens(task).summed:
+            return (f"task {task.name}'s label words need the sum rule ({self.name}), which reads C rows per example; "
+                    "an exit decided during the forward needs one read-out per row: use an exit head "
+                    "(raee build --head offramp)")
+        return None
+
     @torch.no_grad()
     def predict_until(
         self,
@@ -653,12 +664,10 @@ class Backbone:
         leaves at l has run exactly l blocks, and its answer is the distribution `stop` saw there, so the exit
         layers equal those a rule applied to the recorded layers (`layer_pass`) picks. One row per example:
         label words under the sum rule need a `head`; decoder-only and masked LMs."""
+        reason = self.rule_exit_unsupported(task, head)
+        if reason is not None:
+            raise BackboneError(reason)
         labels = self.label_tokens(task)
-        if labels.summed and head is None:
-            raise BackboneError(f"task {task.name}'s label words need the sum rule ({self.name}), which reads C rows "
-                                "per example; a confidence exit needs one read-out per row: use an exit head")
-        if self.family.name == "encoder-decoder":
-            raise BackboneError(f"{self.name}: confidence exits run on decoder-only and masked LMs")
         if not 0 <= min_layer <= self.n_layers:
             raise BackboneError(f"min_layer must lie in [0, {self.n_layers}], got {min_layer}")
         prompts = self._prompts(texts, task, pairs, labels)

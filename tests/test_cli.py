@@ -75,8 +75,8 @@ def test_bad_usage_is_exit_code_2():
 
 
 def test_bad_policy_options_are_usage_errors():
-    assert "unknown exit policy 'nope'; known: fused, raee, raee-cal" in usage(raee("explain", "a gem", "--policy",
-                                                                                      "nope"))
+    assert "unknown exit policy 'nope'; known: confident, fused, raee, raee-cal" in usage(raee("explain", "a gem",
+                                                                                                 "--policy", "nope"))
     assert "policy 'raee' has no beta" in usage(raee("explain", "a gem", "--policy", "raee", "--beta", "2"))
     # bad text is refused before any model loads
     assert "text 1 is empty or whitespace only" in usage(raee("explain", "a gem", "   "))

@@ -132,6 +132,11 @@ def test_a_task_only_in_a_file_builds_on_ray_and_serves_over_http(tmp_path, mode
         assert [p["label_word"] for p in got] == [r.label_word for r in expected]
         assert [p["exit_layer"] for p in got] == [r.exit_layer for r in expected]
         np.testing.assert_allclose([p["probs"] for p in got], [r.probs for r in expected], atol=1e-5)
+        # an exit decided during the forward reads one row per example: not with summed label words (a 4xx)
+        dynamic = requests.post(url, json={"task": "pairs-only", "texts": texts[:1], "text_pairs": pairs[:1],
+                                           "policy": "confident"}, timeout=60)
+        assert dynamic.status_code == 422 and "policy 'confident' is not available" in dynamic.json()["detail"]
+        assert "raee build --head offramp" in dynamic.json()["detail"]
         missing = requests.post(url, json={"task": "pairs-only", "texts": texts[:1]}, timeout=60)
         assert missing.status_code == 422 and "send text_pairs" in missing.json()["detail"]
         tasks = requests.get(f"{serve_url_reused}/custom/v1/tasks", timeout=60).json()
@@ -151,6 +156,7 @@ def test_eval_scores_a_spec_task_with_its_metric(tmp_path, models_reused):
     result = evaluate_task(task, *models_reused, config, quiet=True)
     assert result.metric == "macro_f1" and (result.n_train, result.n_tune, result.n_test) == (36, 8, 12)
     assert set(result.engine_mismatches.values()) == {0}
+    assert "confident" not in result.scores and "sum rule" in result.peer_params["confident"]["unavailable"]
     test = load_split(task, "test")
     preds = models_reused[0].predict(test.texts, task, models_reused[0].n_layers, pairs=test.pairs).labels
     assert result.scores["full"] == pytest.approx(score(task, preds, test.labels))

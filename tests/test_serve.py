@@ -134,7 +134,8 @@ def test_health_tasks_and_openapi(served_reused):
     assert health["status"] == "ok" and health["tasks"] == ["sst2", "trec"] and health["n_layers"] == 4
     assert health["limits"]["max_texts"] == LIMITS.max_texts  # user_config reached reconfigure
     assert health["limits"]["max_text_chars"] == 200 and isinstance(health["limits"]["max_text_chars"], int)
-    assert health["default_policy"] == "raee" and health["policies"] == ["raee", "raee-cal", "fused", "full"]
+    assert health["default_policy"] == "raee"
+    assert health["policies"] == ["raee", "raee-cal", "fused", "confident", "full"]
     tasks = requests.get(f"{url}/v1/tasks", timeout=TIMEOUT_S).json()
     assert [(t["name"], t["n_records"]) for t in tasks] == [("sst2", len(TRAIN_TEXTS)), ("trec", len(TRAIN_TEXTS))]
     assert tasks[0]["label_words"] == list(SST2.words) and tasks[0]["build"] == "full training split"
