@@ -13,6 +13,9 @@ the models and the open exit database (with Milvus Lite, this process owns the f
 
 from __future__ import annotations
 
+import concurrent.futures.thread  # noqa: F401  (its exit hook must be registered before ours)
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict
 
@@ -25,6 +28,19 @@ from raee.models import DEFAULT_BACKBONE, DEFAULT_ENCODER
 from raee.spec import ModelSpec
 from raee.tasks import Task, get_task
 
+# A script that never calls close() must still end quietly. Milvus Lite answers through a gRPC server in this
+# process whose thread pool refuses work once the interpreter starts shutting down, so the open classifiers are
+# closed in threading's exit hooks, which run (last registered, first) before the thread pools stop.
+_OPEN: weakref.WeakSet[Classifier] = weakref.WeakSet()
+
+
+def _close_open_classifiers() -> None:
+    for classifier in list(_OPEN):
+        classifier.close()
+
+
+threading._register_atexit(_close_open_classifiers)
+
 
 class Classifier:
     """A task's RAEE classifier over its exit database: call it with texts (and pairs, for pair tasks)."""
@@ -33,6 +49,7 @@ class Classifier:
         self.engine = engine
         self.task = task
         self._closer = closer
+        _OPEN.add(self)
 
     def __call__(self, texts: str | Sequence[str], *, pairs: str | Sequence[str] | None = None,
                  policy: str | None = None, neighbours: bool = False) -> list[dict]:
@@ -56,8 +73,11 @@ class Classifier:
         return self.engine.served[self.task.name].db.collection
 
     def close(self) -> None:
-        """Release the exit database (a Milvus Lite file can then be opened by another process)."""
-        self._closer.__exit__(None, None, None)
+        """Release the exit database (a Milvus Lite file can then be opened by another process); idempotent."""
+        closer, self._closer = self._closer, None
+        if closer is not None:
+            _OPEN.discard(self)
+            closer.__exit__(None, None, None)
 
     def __enter__(self) -> Classifier:
         return self

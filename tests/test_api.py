@@ -40,3 +40,20 @@ def test_build_then_load_then_call_like_a_pipeline(tmp_path):
 def test_unknown_facade_names_are_attribute_errors():
     with pytest.raises(AttributeError, match="no attribute 'laod'"):
         raee.laod  # noqa: B018
+
+
+def test_a_script_that_never_closes_its_classifier_ends_quietly(tmp_path):
+    """The README's snippet as a script: no close(), no `with`. The exit database is released at exit, before the
+    interpreter tears its modules down, so the script ends with status 0 and nothing on stderr but progress."""
+    import subprocess
+    import sys
+
+    write_task(tmp_path, "csv")
+    spec, db = str(tmp_path / "reviews.toml"), str(tmp_path / "api.db")
+    raee.build(spec, db=db, model=MODEL, quiet=True)
+    script = ("import raee\nfrom raee.spec import ModelSpec\nfrom tests.fixtures_ray import tiny_llama_models\n"
+              f"clf = raee.load({spec!r}, db={db!r}, model=ModelSpec(factory=tiny_llama_models), k=4)\n"
+              "print(clf('the acting is great', pairs='a stirring film .')[0]['label'])\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0 and out.stdout.strip() in ("bad", "okay", "good"), out.stderr
+    assert "Traceback" not in out.stderr and "Error" not in out.stderr, out.stderr
