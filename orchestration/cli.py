@@ -196,7 +196,8 @@ def tasks_init(
     label: Annotated[str, typer.Option(help="The column holding the label.")],
     text_pair: Annotated[str | None, typer.Option(help="A second text column, for pair tasks.")] = None,
     test: Annotated[Path | None, typer.Option(help="A test file with the same columns.")] = None,
-    name: Annotated[str | None, typer.Option(help="Task name (default: from the file name).")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Task name (default: the file name; its folder's for train/test/dev files).")] = None,
     out: Annotated[Path | None, typer.Option(help="Where to write the spec (default: <name>.toml here).")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing spec file.")] = False,
 ) -> None:

@@ -531,6 +531,9 @@ def _as_strings(column, path: Path, name: str) -> list[str]:
 # ---- starter specs --------------------------------------------------------------------------------------------
 
 
+_SPLIT_STEMS = frozenset({"train", "training", "test", "testing", "dev", "valid", "validation", "val", "data"})
+
+
 def init_spec(data_file: str | os.PathLike[str], *, text: str, label: str, text_pair: str | None = None,
               name: str | None = None, spec_path: str | os.PathLike[str] | None = None,
               test_file: str | os.PathLike[str] | None = None) -> Task:
@@ -551,7 +554,10 @@ def init_spec(data_file: str | os.PathLike[str], *, text: str, label: str, text_
     numeric = all(re.fullmatch(r"-?\d+", v) for v in values)
     ordered = sorted(values, key=int) if numeric else sorted(values)
     words = [v if re.fullmatch(r"[A-Za-z][A-Za-z_-]*", v) else f"label{i}" for i, v in enumerate(ordered)]
-    stem = re.sub(r"[^a-z0-9_-]", "-", (name or data_path.stem).lower()).strip("-") or "task"
+    default = data_path.stem  # "train.jsonl" names its folder's task, not a task called "train"
+    if default.lower() in _SPLIT_STEMS and data_path.resolve().parent.name:
+        default = data_path.resolve().parent.name
+    stem = re.sub(r"[^a-z0-9_-]", "-", (name or default).lower()).strip("-") or "task"
     template = "Text: {text}" + (" Context: {text_pair}" if text_pair else "") + " Label:"
     rel = os.path.relpath(data_path, spec_dir)
     test_rel = os.path.relpath(Path(test_file).expanduser().resolve(), spec_dir) if test_file else None

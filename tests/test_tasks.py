@@ -222,6 +222,7 @@ def test_init_writes_a_starter_spec_with_the_labels_it_found(tmp_path):
     task = init_spec(tmp_path / "data" / "train.jsonl", text="review", label="stars", text_pair="context",
                      spec_path=tmp_path / "starter.toml")
     assert task.label_values == ("1", "3", "5") and task.data.train == "data/train.jsonl"
+    assert task.name == "data"  # a split's file names its folder's task, not a task called "train"
     (tmp_path / "starter.toml").write_text(task.to_toml())
     loaded = load_task_spec(tmp_path / "starter.toml")
     assert len(load_split(loaded, "train")) == 4 and loaded.has_pairs
