@@ -214,6 +214,8 @@ def _build_task(task: Task, *, spec: ModelSpec, db_uri: str, options: BuildOptio
         raise CollectionError(f"task {task.name} has no training examples to build from")
     remote = ray.remote(_sample_task).options(num_cpus=shape.cpus, num_gpus=shape.gpus, max_retries=2)
     meta, name, head, known = ray.get(remote.remote(spec, task, scan.sample, options), timeout=timeout_s)
+    log.info("%s: scanned %d examples and fitted the sample in %.1f s", task.name, scan.n_examples,
+             time.perf_counter() - start)
     calibration = fit_calibration(known[: min(options.calibration_examples, len(known))])
     target = begin_version(db_uri, name, meta, options.variant, data_digest=scan.digest, token=token)
     with ExitDB(db_uri, collection=target.collection, meta=meta, variant=options.variant, token=token,
@@ -241,10 +243,12 @@ def _build_task(task: Task, *, spec: ModelSpec, db_uri: str, options: BuildOptio
                     bar.update(int(batch["n_examples"].sum()))
                     if on_batch is not None:
                         on_batch(batch)
+        log.info("%s: streamed %d examples by %.1f s", task.name, todo, time.perf_counter() - start)
         n_added = carry_over(db_uri, target, db, token=token)
         db.flush()
         n_in_db = db.count()
         index = db.index.describe()
+    log.info("%s: flushed and counted by %.1f s", task.name, time.perf_counter() - start)
     summary = _finish(task, scan, target, tally, n_added, n_in_db, db_uri, token, options,
                       time.perf_counter() - start)
     return replace(summary, index=index), n_batches, scan.n_examples - todo
