@@ -174,7 +174,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
-    load_1m = round(os.getloadavg()[0], 2)
+    prov = provenance(num_cpus=args.num_cpus, batch_size=args.batch_size, block_rows=args.block_rows, seed=args.seed,
+                      kill_actor_at=args.kill_actor_at, backend=args.uri or "embedded milvus 2.3.5",
+                      loadavg_1m_at_start=round(os.getloadavg()[0], 2))  # the code that runs, before it runs
     with tempfile.TemporaryDirectory(prefix="raee-collect-scale-") as tmp:
         root = Path(tmp)
         if args.uri:
@@ -182,10 +184,7 @@ def main() -> None:
         else:
             with EmbeddedMilvusServer(root / "milvus") as server:
                 figures = run(args, root, server.uri)
-    emit({"benchmark": "collect_scale", **figures,
-          **provenance(num_cpus=args.num_cpus, batch_size=args.batch_size, block_rows=args.block_rows,
-                       seed=args.seed, kill_actor_at=args.kill_actor_at, backend="embedded milvus 2.3.5"
-                       if not args.uri else args.uri, loadavg_1m_at_start=load_1m)})
+    emit({"benchmark": "collect_scale", **figures, **prov, "loadavg_1m_at_end": round(os.getloadavg()[0], 2)})
     if figures["records"] != args.n or not figures["ids_exact"]:
         sys.exit(1)
 
