@@ -73,7 +73,7 @@ class IndexConfig:
 # Search parameters chosen on 1M MiniLM-shaped keys (benchmarks/search_scale.py, docs/milvus.md): the smallest
 # that keep recall@12 >= 0.95 and the exit layer equal to FLAT's for >= 99% of queries there.
 TUNED: dict[str, IndexConfig] = {
-    "hnsw": IndexConfig(kind="HNSW", m=16, ef_construction=200, ef=128),
+    "hnsw": IndexConfig(kind="HNSW", m=16, ef_construction=128, ef=256),  # 1M: recall 0.9965, exits 99.6%
     "ivf_flat": IndexConfig(kind="IVF_FLAT", nlist=1024, nprobe=32),
 }
 

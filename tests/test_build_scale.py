@@ -70,7 +70,7 @@ def test_auto_is_flat_while_small_and_hnsw_above(tmp_path):
     assert choose_index(given, 5) is given and choose_index(None, 5) is None
     with pytest.raises(ValueError, match="index must be one of"):
         choose_index("ivf_pq", 5)
-    assert TUNED["hnsw"].describe().startswith("HNSW (M=16, efConstruction=200; ef=")
+    assert TUNED["hnsw"].describe() == "HNSW (M=16, efConstruction=128; ef=256)"
 
 
 def test_a_build_says_which_index_it_chose_and_records_its_parameters(tmp_path):
