@@ -73,9 +73,9 @@ def test_auto_is_flat_while_small_and_hnsw_above(tmp_path):
     assert TUNED["hnsw"].describe() == "HNSW (M=16, efConstruction=128; ef=256)"
 
 
-def test_a_build_says_which_index_it_chose_and_records_its_parameters(tmp_path):
+def test_a_build_says_which_index_it_chose_and_records_its_parameters(tmp_path, data_dir):
     backbone, encoder = tiny_llama_models()
-    data = load_split(get_task("sst2"), "train").head(24)
+    data = load_split(get_task("sst2"), "train", data_dir).head(24)
     uri = str(tmp_path / "index.db")
     summary = build_database(backbone, encoder, data.task, db_uri=uri, dataset=data, show_progress=False,
                              options=BuildOptions(batch_size=8, calibration_examples=8, index="hnsw"))
