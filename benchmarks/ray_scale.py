@@ -4,9 +4,10 @@
     python benchmarks/ray_scale.py --model tiny            # the tests' 4-layer random llama (plumbing only)
 
 All on one new local Ray cluster (127.0.0.1, --num-cpus CPUs, one torch thread per actor/replica):
-1. Collection: the same first --n-train training examples are built into a fresh Milvus Lite database by a
-   1-actor pool and a 2-actor pool, alternating, --repeats times each; models load once per pool, outside the
-   timing. Lite means the driver is the single writer, as in `raee build --ray` on one machine.
+1. Collection: the same first --n-train training examples (written to a jsonl file) are built into a fresh
+   Milvus Lite database by `build_on_ray` with 1 and with 2 actors, alternating, --repeats times each; each
+   build starts its own actor pool (model loads are inside the timing, as in `raee build --ray`). Lite means the
+   driver is the single writer, as on one machine. benchmarks/collect_scale.py measures the stream at scale.
 2. Serving: one replica (Lite) serves the database from step 1 over HTTP on 127.0.0.1. --n-queries test
    sentences are sent one per request, sequentially and from 8 concurrent clients, with policy "raee" and
    "full" (every layer, no retrieval) alternating on the same replica. Latency is per HTTP request.
@@ -36,7 +37,8 @@ import ray
 import requests
 
 from benchmarks._common import emit, provenance
-from collectors.ray_collect import CollectorPool
+from collectors.build import BuildOptions
+from collectors.ray_collect import PoolShape, build_on_ray
 from inference_workers.deployment import Limits, ServeConfig, build_app, delete_app, run_app, start_http
 from raee.spec import ModelSpec
 from raee.tasks import Dataset, get_task, load_split
@@ -49,26 +51,26 @@ def tiny_models():
     return tiny_llama_models()
 
 
-def collection_throughput(spec: ModelSpec, task, data: Dataset, *, repeats: int, cpus: float, shard_size: int,
-                          batch_size: int, root: Path) -> dict:
-    """Examples/s of 1-actor and 2-actor builds of the same data into fresh Lite files, alternating."""
-    pools = {n: CollectorPool(spec, n_actors=n, cpus_per_actor=cpus, ready_timeout_s=900) for n in (1, 2)}
+def collection_throughput(spec: ModelSpec, task, data: Dataset, *, repeats: int, cpus: float, batch_size: int,
+                          root: Path) -> dict:
+    """Examples/s of 1-actor and 2-actor Ray Data builds of the same file into fresh Lite files, alternating.
+
+    Each build starts its actor pool (models load inside the timing, as in `raee build --ray`)."""
+    from tests.fixtures_ray import task_on_disk
+
+    task = task_on_disk(task, data.texts, data.labels, root)
     rates: dict[int, list[float]] = {1: [], 2: []}
     last_db = ""
-    try:
-        for rep in range(repeats + 1):  # repeat 0 warms both pools up and is dropped
-            for n, pool in pools.items():
-                last_db = str(root / f"collect_{n}_{rep}.db")
-                t0 = time.perf_counter()
-                result = pool.build([task], db_uri=last_db, datasets={task.name: data}, shard_size=shard_size,
-                                    batch_size=batch_size, show_progress=False)
-                seconds = time.perf_counter() - t0
-                assert result.summaries[0].n_in_db == len(data), result
-                if rep:
-                    rates[n].append(len(data) / seconds)
-    finally:
-        for pool in pools.values():
-            pool.close()
+    for rep in range(repeats + 1):  # repeat 0 warms both up and is dropped
+        for n in (1, 2):
+            last_db = str(root / f"collect_{n}_{rep}.db")
+            t0 = time.perf_counter()
+            result = build_on_ray([task], spec=spec, db_uri=last_db, options=BuildOptions(batch_size=batch_size),
+                                  shape=PoolShape(n, cpus, 0), show_progress=False)
+            seconds = time.perf_counter() - t0
+            assert result.summaries[0].n_in_db == len(data), result
+            if rep:
+                rates[n].append(len(data) / seconds)
     one, two = float(np.median(rates[1])), float(np.median(rates[2]))
     return {"examples": len(data), "repeats": repeats, "examples_per_s_1_actor": round(one, 2),
             "examples_per_s_2_actors": round(two, 2), "speedup_2_vs_1": round(two / one, 3), "db": last_db}
@@ -141,7 +143,6 @@ def main() -> None:
     parser.add_argument("--n-queries", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-cpus", type=int, default=2)
-    parser.add_argument("--shard-size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--data-dir", default=None, help="LM-BFF data (default: $RAEE_DATA_DIR)")
@@ -166,7 +167,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="raee-ray-bench-") as root:
             collect = collection_throughput(spec, task, train, repeats=args.repeats, cpus=args.num_cpus / 4,
-                                            shard_size=args.shard_size, batch_size=args.batch_size, root=Path(root))
+                                            batch_size=args.batch_size, root=Path(root))
             print(f"collection of {collect['examples']} examples: {collect['examples_per_s_1_actor']} ex/s with 1 "
                   f"actor, {collect['examples_per_s_2_actors']} ex/s with 2 -> speedup {collect['speedup_2_vs_1']}x",
                   flush=True)

@@ -50,7 +50,7 @@ from milvus.exit_db import (
     collection_name,
     setup_meta,
 )
-from milvus.index import IndexConfig
+from milvus.index import IndexChoice, IndexConfig, choose_index
 from milvus.versions import BuildTarget, begin_version, finish_version
 from raee.backbones import Backbone
 from raee.calibration import Calibration, fit_calibration
@@ -67,9 +67,11 @@ class BuildOptions:
 
     fraction/seed/only_correct: the BuildVariant (which training examples). head: "lm" (label words through
     the LM head) or "offramp" (trained per-layer off-ramps, fitted on the first offramp_examples of the build
-    order, cross-fitted over offramp_folds). metric/index: how Milvus compares keys (index None: FLAT for a new
-    collection, as built for an existing one). calibration_examples: the seeded sample the calibration is
-    fitted on. collection: a name instead of the derived one."""
+    order, cross-fitted over offramp_folds). metric/index: how Milvus compares keys and indexes them (an
+    IndexConfig; "auto" FLAT while the build is small, else HNSW, or "flat" / "hnsw" / "ivf_flat" with the tuned
+    parameters: milvus.index.choose_index; None: as built for an existing collection, FLAT for a new one).
+    calibration_examples: the seeded sample the calibration is fitted on. collection: a name instead of the
+    derived one."""
 
     fraction: float = 1.0
     seed: int = 0
@@ -79,7 +81,7 @@ class BuildOptions:
     offramp_folds: int = 5
     offramp_l2: float = 1.0
     metric: Metric = "L2"
-    index: IndexConfig | None = None
+    index: IndexConfig | IndexChoice | None = "auto"
     batch_size: int = 32
     calibration_examples: int = 2000
     collection: str | None = None
@@ -115,6 +117,7 @@ class BuildSummary:
     seconds: float
     examples_per_s: float
     version: str = ""  # the collection written: a version of `collection` (its alias), or `collection` itself
+    index: str = ""  # the collection's index and its parameters (IndexConfig.describe), e.g. chosen by "auto"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,25 +165,40 @@ def exit_records(task: Task, split: str, data: Dataset, layer_probs: np.ndarray,
 def record_batches(backbone: Backbone, encoder: KeyEncoder, data: Dataset, *, batch_size: int,
                    only_correct: bool = False, known_probs: np.ndarray | None = None, head: ExitHead | None = None,
                    show_progress: bool = False) -> Iterator[tuple[ExitRecords, np.ndarray]]:
-    """(records kept, exit sets of the batch) for each batch of `data`, in order: the per-batch collector.
+    """(records kept, exit sets of the batch) for each batch of `data`, in order (collect_batch on each).
 
     known_probs: layer distributions of data's first rows, already computed (calibration or off-ramp sample).
     head: read every layer through this exit head (off-ramps) instead of the LM head's label words."""
-    task = data.task
-    bar = tqdm(total=len(data), disable=not show_progress, desc=f"build {task.name}", unit="ex")
+    bar = tqdm(total=len(data), disable=not show_progress, desc=f"build {data.task.name}", unit="ex")
     with bar:
         for start in range(0, len(data), batch_size):
             part = data.take(np.arange(start, min(start + batch_size, len(data))))
-            have = known_probs[start : start + len(part)] if known_probs is not None else np.zeros((0,))
-            rest = part.take(np.arange(len(have), len(part)))
-            if len(rest):
-                computed = _layer_probs(backbone, rest, head)  # (b, L+1, C)
-                layer_probs = np.concatenate([have, computed]) if len(have) else computed
-            else:
-                layer_probs = have
-            keys = encoder.encode(part.inputs, task)  # (b, D)
+            have = known_probs[start : start + len(part)] if known_probs is not None else None
             bar.update(len(part))
-            yield exit_records(task, part.split, part, layer_probs, keys, only_correct=only_correct)
+            yield collect_batch(backbone, encoder, part, head=head, known_probs=have, only_correct=only_correct)
+
+
+def collect_batch(backbone: Backbone, encoder: KeyEncoder, part: Dataset, *, head: ExitHead | None = None,
+                  known_probs: np.ndarray | None = None, known: np.ndarray | None = None,
+                  only_correct: bool = False) -> tuple[ExitRecords, np.ndarray]:
+    """(records kept, exit sets of every example) of one batch: the per-batch collector every engine runs.
+
+    known_probs (k, L+1, C): layer distributions already computed (a calibration or off-ramp sample) for the
+    rows where `known` (b,) is True, or for the first k rows when `known` is None; the rest run the backbone."""
+    if known is None:
+        known = np.arange(len(part)) < (0 if known_probs is None else len(known_probs))
+    rest = np.flatnonzero(~known)
+    layer_probs = None
+    if len(rest):
+        computed = _layer_probs(backbone, part.take(rest), head)  # (r, L+1, C)
+        layer_probs = np.empty((len(part), *computed.shape[1:]), dtype=computed.dtype)
+        layer_probs[rest] = computed
+    if known.any():
+        have = np.asarray(known_probs, dtype=np.float32)
+        layer_probs = np.empty((len(part), *have.shape[1:]), np.float32) if layer_probs is None else layer_probs
+        layer_probs[known] = have
+    keys = encoder.encode(part.inputs, part.task)  # (b, D)
+    return exit_records(part.task, part.split, part, layer_probs, keys, only_correct=only_correct)
 
 
 def _layer_probs(backbone: Backbone, data: Dataset, head: ExitHead | None) -> np.ndarray:
@@ -253,7 +271,8 @@ def build_database(
     calibration, known = fit_build_calibration(backbone, data, options, known=known, show_progress=show_progress)
     n_records = n_no_correct = n_full_correct = 0
     with ExitDB(db_uri, collection=collection, meta=meta, variant=options.variant, token=token,
-                index=options.index, calibration=calibration, properties=target.properties) as db:
+                index=choose_index(options.index, len(data)), calibration=calibration,
+                properties=target.properties) as db:
         if head is not None:
             db.put_blob("head", head.to_bytes())
         for records, probs in record_batches(backbone, encoder, data, batch_size=options.batch_size,
@@ -265,22 +284,38 @@ def build_database(
         n_added = carry_over(db_uri, target, db, token=token)
         db.flush()
         n_in_db = db.count()
+        index = db.index.describe()
     finish_version(db_uri, target, expected=n_records + n_added, counted=n_in_db, token=token)
     summary = summarize(task, name, options.variant, len(data), n_records, n_in_db, n_no_correct, n_full_correct,
                         time.perf_counter() - start)
-    return replace(summary, version=collection)
+    return replace(summary, version=collection, index=index)
 
 
 def data_digest(data: Dataset) -> str:
-    """sha256 of the examples a build processes, in its order: texts, pairs, labels and file positions.
+    """DataDigest of the examples a build processes, taken in file order (their processing order follows from
+    the variant's seed, which the version records beside it)."""
+    digest = DataDigest()
+    digest.update(data.take(np.argsort(data.example_idx, kind="stable")))
+    return digest.hexdigest()
 
-    Stored with each version: a re-run over the same examples rewrites that version instead of making a new one."""
-    digest = hashlib.sha256()
-    for part in (data.texts, data.pairs or (), [str(v) for v in data.labels.tolist()],
-                 [str(v) for v in data.example_idx.tolist()]):
-        digest.update("\x1e".join(part).encode("utf-8", "surrogatepass"))
-        digest.update(b"\x1d")
-    return digest.hexdigest()[:16]
+
+class DataDigest:
+    """sha256 over examples in file order, one record each (text, pair, label, file position), fed batch by batch.
+
+    Stored with each version: a re-run over the same examples rewrites that version instead of making a new
+    one. Incremental, so a streaming build digests its split without holding it."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+
+    def update(self, data: Dataset) -> None:
+        pairs = data.pairs if data.pairs is not None else ("",) * len(data)
+        rows = (f"{t}\x1f{p}\x1f{y}\x1f{i}\x1e" for t, p, y, i in
+                zip(data.texts, pairs, data.labels.tolist(), data.example_idx.tolist(), strict=True))
+        self._sha.update("".join(rows).encode("utf-8", "surrogatepass"))
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()[:16]
 
 
 def carry_over(db_uri: str, target: BuildTarget, db: ExitDB, *, token: str | None = None) -> int:

@@ -328,6 +328,47 @@ class ExitDB:
         Re-running a build with the same ids leaves `count()` unchanged. Texts longer than
         `text_max_bytes` UTF-8 bytes are cut at a character boundary.
         """
+        return self._write(records, "upsert")
+
+    def insert(self, records: ExitRecords) -> int:
+        """Append records whose ids are certainly not stored (a bulk load into a fresh collection); returns rows.
+
+        Not idempotent: a repeated id is stored twice. Builds use `upsert`; this exists because Milvus 2.3.5's
+        upsert writes a delete record per row, and at a million rows compaction then rebuilds indexed segments
+        for tens of minutes (docs/milvus.md)."""
+        return self._write(records, "insert")
+
+    def reindex(self, index: IndexConfig, *, timeout_s: float = 7200.0) -> float:
+        """Replace the collection's vector index with `index` (records untouched); seconds until every row is
+        indexed and the collection is loaded again. Searches fail while it runs: an offline operation."""
+        t0 = time.perf_counter()
+        with self._op("reindex"):
+            self._client.release_collection(self.collection, timeout=self.timeout_s)
+            self._client.drop_index(self.collection, index_name=_VECTOR, timeout=self.timeout_s)
+            params = self._client.prepare_index_params()
+            params.add_index(field_name=_VECTOR, index_name=_VECTOR, index_type=index.kind,
+                             metric_type=self.meta.metric, params=index.build_params())
+            self._client.create_index(self.collection, params, timeout=timeout_s)
+            self._client.alter_collection_properties(self.collection, properties={
+                INDEX_PROPERTY: json.dumps(asdict(index))}, timeout=self.timeout_s)
+        self.index = index
+        deadline = time.monotonic() + timeout_s
+        while not self._is_lite_or_indexed():
+            if time.monotonic() > deadline:
+                raise ExitDBError("reindex", self.collection, f"index not built after {timeout_s:.0f} s")
+            time.sleep(1.0)
+        with self._op("reindex"):
+            self._client.load_collection(self.collection, timeout=timeout_s)
+        return time.perf_counter() - t0
+
+    def _is_lite_or_indexed(self) -> bool:
+        if self._lite_path is not None:
+            _wait_lite_background(self._lite_path, self.collection, 7200.0)
+            return True
+        state = self.index_state()
+        return state["pending_rows"] == 0 and state["indexed_rows"] >= state["total_rows"]
+
+    def _write(self, records: ExitRecords, verb: Literal["upsert", "insert"]) -> int:
         n = len(records)
         if n == 0:
             return 0
@@ -352,9 +393,11 @@ class ExitDB:
                 chunk = dists[start:stop].tolist() if dists is not None else [[]] * (stop - start)
                 for row, dist in zip(rows, chunk, strict=True):
                     row[_LAYER_PROBS] = dist
-            with self._op("upsert"):
-                result = self._client.upsert(self.collection, rows, timeout=self.timeout_s)
-            written += int(result["upsert_count"])
+            with self._op(verb):
+                if verb == "upsert":
+                    written += int(self._client.upsert(self.collection, rows, timeout=self.timeout_s)["upsert_count"])
+                else:
+                    written += int(self._client.insert(self.collection, rows, timeout=self.timeout_s)["insert_count"])
         self._lite_rows += written if self.is_lite else 0  # upper bound: replaced ids are counted again
         return written
 
@@ -455,6 +498,26 @@ class ExitDB:
             layer_probs=(self._unflatten([r[_LAYER_PROBS] for r in rows], np.ones(len(rows), dtype=bool))
                          if self.has_layer_probs and rows else None),
         )
+
+    def scan(self, *, batch_rows: int = 16384) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids (B,), exit_probs (B, L+1)) of every stored record, page by page (a Strong query iterator).
+
+        How a resumed build learns what is stored without one request per id: a few hundred pages at 1M."""
+        with self._op("scan"):
+            pages = self._client.query_iterator(self.collection, batch_size=min(batch_rows, 16384),
+                                                filter=f"{_ID} >= 0", output_fields=[_ID, _PROBS],
+                                                consistency_level="Strong", timeout=self.timeout_s)
+        n_probs = self.meta.n_layers + 1
+        try:
+            while True:
+                with self._op("scan"):
+                    page = pages.next()
+                if not page:
+                    return
+                yield (np.asarray([r[_ID] for r in page], dtype=np.int64),
+                       np.asarray([r[_PROBS] for r in page], dtype=np.float32).reshape(-1, n_probs))
+        finally:
+            pages.close()
 
     def flush(self, *, wait_index: bool = True, timeout_s: float = 600.0) -> None:
         """Seal pending writes to storage and, on a server, wait until the vector index covers every row.

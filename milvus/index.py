@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 IndexKind = Literal["FLAT", "HNSW", "IVF_FLAT"]
+IndexChoice = Literal["auto", "flat", "hnsw", "ivf_flat"]  # `raee build --index`
 _KINDS: tuple[str, ...] = ("FLAT", "HNSW", "IVF_FLAT")
+INDEX_CHOICES: tuple[str, ...] = ("auto", "flat", "hnsw", "ivf_flat")
+FLAT_MAX_RECORDS = 100_000  # auto: exact search up to here (Lite FLAT: ~0.2 s per query at 100k, docs/milvus.md)
 
 
 @dataclass(frozen=True)
@@ -57,3 +60,32 @@ class IndexConfig:
         if self.kind == "IVF_FLAT":
             return {"nprobe": min(self.nprobe, self.nlist)}
         return {}
+
+    def describe(self) -> str:
+        """The kind and every parameter that shapes its answers, e.g. "HNSW (M=16, efConstruction=200; ef=128)"."""
+        if self.kind == "FLAT":
+            return "FLAT (exact)"
+        build = ", ".join(f"{k}={v}" for k, v in self.build_params().items())
+        search = ", ".join(f"{k}={v}" for k, v in self.search_params(1).items())
+        return f"{self.kind} ({build}; {search})"
+
+
+# Search parameters chosen on 1M MiniLM-shaped keys (benchmarks/search_scale.py, docs/milvus.md): the smallest
+# that keep recall@12 >= 0.95 and the exit layer equal to FLAT's for >= 99% of queries there. IVF_FLAT reached
+# neither exit target up to nprobe=128 (recall 0.976, exits 98.2%), so "auto" never picks it.
+TUNED: dict[str, IndexConfig] = {
+    "hnsw": IndexConfig(kind="HNSW", m=16, ef_construction=128, ef=256),  # 1M: recall 0.9965, exits 99.6%
+    "ivf_flat": IndexConfig(kind="IVF_FLAT", nlist=1024, nprobe=128),  # 1M: recall 0.976, exits 98.2%
+}
+
+
+def choose_index(choice: IndexConfig | str | None, n_records: int) -> IndexConfig | None:
+    """The index a build of n_records gets: an IndexConfig as given; "flat" / "hnsw" / "ivf_flat" as TUNED;
+    "auto" FLAT up to FLAT_MAX_RECORDS, else HNSW; None keeps an existing collection's index (FLAT when new)."""
+    if choice is None or isinstance(choice, IndexConfig):
+        return choice
+    if choice not in INDEX_CHOICES:
+        raise ValueError(f"index must be one of {list(INDEX_CHOICES)}, got {choice!r}")
+    if choice == "auto":
+        choice = "flat" if n_records <= FLAT_MAX_RECORDS else "hnsw"
+    return IndexConfig() if choice == "flat" else TUNED[choice]

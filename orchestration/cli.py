@@ -296,8 +296,12 @@ def build(
     token: TokenOpt = None,
     ray: RayOpt = False,
     ray_address: RayAddressOpt = None,
-    num_actors: Annotated[int | None, typer.Option(min=1, help="Ray collector actors (default: GPUs or CPUs).")] = None,
-    shard_size: Annotated[int, typer.Option(min=1, help="Examples per Ray shard (the unit of retry).")] = 512,
+    num_actors: Annotated[int | None, typer.Option(min=1, help="Ray collector actors (default: GPUs, else CPUs - 1).")
+                          ] = None,
+    index: Annotated[str, typer.Option(
+        help="Vector index: auto (FLAT up to 100,000 records, else HNSW), flat (exact), hnsw or ivf_flat; the "
+             "parameters are the ones tuned at 1M records (docs/milvus.md) and recorded with the collection.")
+                     ] = "auto",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -318,19 +322,24 @@ def build(
       raee build --task sst2 --head offramp --db offramp.db
 
       raee build --task sst2,trec --ray --num-actors 2 --db http://127.0.0.1:19530
+
+      raee build --task big.toml --ray --index hnsw --db http://127.0.0.1:19530
     """
     from collectors.build import BuildOptions
+    from milvus.index import INDEX_CHOICES
     from orchestration.pipelines import RayOptions
     from orchestration.pipelines import build as run_build
 
     _setup_logging(quiet)
     if head not in ("lm", "offramp"):
         raise typer.BadParameter(f"unknown head {head!r}; use lm or offramp", param_hint="--head")
+    if index not in INDEX_CHOICES:
+        raise typer.BadParameter(f"unknown index {index!r}; use {', '.join(INDEX_CHOICES)}", param_hint="--index")
     options = BuildOptions(fraction=fraction, seed=seed, only_correct=only_correct, head=head, batch_size=batch_size,
-                           collection=collection)
+                           collection=collection, index=index)
     summaries = run_build(parse_tasks(task), model=_model(model, encoder, cache_dir, batch_size), db_uri=db,
                           options=options, token=token, data_dir=data_dir, engine="ray" if ray or ray_address else
-                          "local", ray_options=RayOptions(ray_address, num_actors, shard_size), quiet=quiet)
+                          "local", ray_options=RayOptions(ray_address, num_actors), quiet=quiet)
     if as_json:
         typer.echo(json.dumps([s.to_dict() for s in summaries]))
         return
@@ -338,7 +347,7 @@ def build(
         typer.echo(f"{s.task}: {s.n_in_db} records in {s.collection} ({s.variant}; {s.n_records} written from "
                    f"{s.n_examples} examples in {s.seconds:.1f} s, {s.examples_per_s:.1f} examples/s); "
                    f"{100 * s.share_no_correct_layer:.1f}% have no correct layer, full model right on "
-                   f"{100 * s.full_model_accuracy:.1f}%")
+                   f"{100 * s.full_model_accuracy:.1f}%; index {s.index} ({index})")
     typer.echo(f"next: raee explain --task {task} --db {db} \"some text\"")
 
 

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -21,13 +21,13 @@ import ray
 from tqdm.auto import tqdm
 
 from collectors.build import BuildOptions
-from collectors.ray_collect import CollectorPool, DistributedBuild
+from collectors.ray_collect import DistributedBuild, build_on_ray, pool_shape
 from inference_workers import deployment
 from milvus.exit_db import is_lite_uri
 from orchestration.pipelines import BuildSelector, RayOptions, choose_build
 from raee.exit_policy import DEFAULT_POLICY
 from raee.spec import ModelSpec
-from raee.tasks import DATA_DIR_ENV, Dataset, Task
+from raee.tasks import DATA_DIR_ENV, Task
 
 if TYPE_CHECKING:
     from orchestration.evaluate import EvalConfig
@@ -54,21 +54,19 @@ def ray_session(ray_address: str | None = None, *, num_cpus: int | None = None) 
 
 
 def build_with_ray(tasks: Sequence[Task], *, model: ModelSpec, db_uri: str = "./raee.db",
-                   options: BuildOptions | None = None, token: str | None = None,
-                   datasets: Mapping[str, Dataset] | None = None, data_dir: str | None = None,
+                   options: BuildOptions | None = None, token: str | None = None, data_dir: str | None = None,
                    ray_options: RayOptions | None = None, quiet: bool = False) -> DistributedBuild:
-    """`raee build --ray`: every task's exit database built by a pool of actors, resumable; checked counts.
+    """`raee build --ray`: every task's training file streamed through an actor pool (Ray Data) into Milvus.
 
-    One actor per GPU when the cluster has GPUs, else num_actors CPU actors (default: one per CPU). With
-    Milvus Lite the driver is the single writer; with a server URI the actors write directly. The tasks
-    travel to the actors as objects."""
+    One actor per GPU when the cluster has GPUs, else num_actors CPU actors (default: CPUs - 1). With Milvus
+    Lite the driver is the single writer; with a server URI the actors write directly. Resumable; checked
+    counts. The tasks travel to the actors as objects."""
     ray_options = ray_options or RayOptions()
     spec = replace(model, cache_dir=_abs(model.cache_dir))
-    with ray_session(ray_options.address), CollectorPool(spec, n_actors=ray_options.num_actors,
-                                                         cpus_per_actor=ray_options.cpus_per_actor) as pool:
-        return pool.build(list(tasks), db_uri=_abs_db(db_uri), options=options, datasets=datasets,
-                          data_dir=_data_dir(data_dir), token=token, shard_size=ray_options.shard_size,
-                          show_progress=not quiet)
+    with ray_session(ray_options.address):
+        shape = pool_shape(ray_options.num_actors, ray_options.cpus_per_actor)
+        return build_on_ray(list(tasks), spec=spec, db_uri=_abs_db(db_uri), options=options,
+                            data_dir=_data_dir(data_dir), token=token, shape=shape, show_progress=not quiet)
 
 
 def describe_build(result: DistributedBuild) -> list[str]:
@@ -81,7 +79,7 @@ def describe_build(result: DistributedBuild) -> list[str]:
     ]
     n = sum(s.n_examples for s in result.summaries)
     lines.append(f"{n} examples in {result.seconds:.1f} s ({n / max(result.seconds, 1e-9):.1f} examples/s) on "
-                 f"{result.n_actors} actors; {result.n_shards} shards, {result.n_shards_skipped} already complete")
+                 f"{result.n_actors} actors; {result.n_batches} batches, {result.n_resumed} examples already stored")
     return lines
 
 

@@ -67,9 +67,8 @@ class RayOptions:
     """Where Ray work runs: a new local cluster (address None) or an existing one, and how wide."""
 
     address: str | None = None
-    num_actors: int | None = None  # collector actors: one per GPU, else one per CPU by default
-    shard_size: int = 512  # examples per collector shard (the unit of retry)
-    cpus_per_actor: float = 1.0
+    num_actors: int | None = None  # collector actors: one per GPU, else CPUs - 1 by default
+    cpus_per_actor: float | None = None  # None: what leaves a CPU for reading (collectors.ray_collect.pool_shape)
 
 
 def task_argument(task: Task) -> str:
@@ -138,19 +137,19 @@ def build(tasks: Sequence[Task], *, model: ModelSpec, db_uri: str, options: Buil
           ray_options: RayOptions | None = None, quiet: bool = False) -> list[BuildSummary]:
     """Algorithm 3.1 for each task's training split, into the exit database at db_uri, in process or on Ray.
 
-    Every task's data is read (and checked) before any model loads."""
+    Every task's data is read (and checked) before any model loads: in process here, on Ray by the driver's scan."""
     options = options or BuildOptions()
-    datasets = {task.name: load_split(task, "train", data_dir) for task in tasks}
-    if engine == "ray":
+    if engine == "ray":  # streams each training file: read in blocks by Ray Data, never whole in the driver
         from orchestration.distributed import build_with_ray
 
-        result = build_with_ray(tasks, model=model, db_uri=db_uri, options=options, token=token, datasets=datasets,
+        result = build_with_ray(tasks, model=model, db_uri=db_uri, options=options, token=token, data_dir=data_dir,
                                 ray_options=ray_options, quiet=quiet)
         return list(result.summaries)
     if engine != "local":
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     from collectors.build import build_database
 
+    datasets = {task.name: load_split(task, "train", data_dir) for task in tasks}  # checked before models load
     backbone, encoder = model.load()
     return [build_database(backbone, encoder, task, db_uri=db_uri, options=options, token=token,
                            dataset=datasets[task.name], show_progress=not quiet) for task in tasks]

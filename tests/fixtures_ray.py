@@ -79,3 +79,20 @@ def serve_url_reused(ray_cluster_reused: dict) -> Iterator[str]:
         yield start_http(port=free_port())
     finally:
         serve.shutdown()
+
+
+def task_on_disk(task, texts, labels, folder):
+    """`task` reading its train split from a jsonl file written under folder: texts and class indices.
+
+    The Ray engine streams a task's files, so tests hand it files, not in-memory Datasets."""
+    import json
+    from pathlib import Path
+
+    from raee.tasks import with_data
+
+    path = Path(folder) / f"{task.name}.train.jsonl"
+    with path.open("w") as out:
+        for text, label in zip(texts, labels, strict=True):
+            out.write(json.dumps({"text": text, "label": task.label_values[int(label)]}) + "\n")
+    return with_data(task, train=str(path), test=None, text="text", label="label", text_pair=None, columns=None,
+                     quoting=True, format="jsonl")

@@ -72,6 +72,7 @@ def test_bad_usage_is_exit_code_2():
     assert raee("layers", "--limit", "0").returncode == 2
     assert "0.0 is not in (0, 1]" in usage(raee("build", "--fraction", "0"))
     assert "1.5 is not in (0, 1]" in usage(raee("explain", "a gem", "--fraction", "1.5"))
+    assert "unknown index 'ivf_pq'; use auto, flat, hnsw, ivf_flat" in usage(raee("build", "--index", "ivf_pq"))
 
 
 def test_bad_policy_options_are_usage_errors():
@@ -127,6 +128,7 @@ def first_hour_db(tmp_path_factory, data_dir, model_cache_dir):
     assert built.returncode == 0, built.stderr
     (summary,) = json.loads(built.stdout)
     assert summary["n_records"] == summary["n_in_db"] == 21 and summary["variant"] == "fraction 0.003 (seed 0)"
+    assert summary["index"] == "FLAT (exact)"  # --index auto: exact while small, and the summary says so
     return db, common
 
 

@@ -107,7 +107,7 @@ def test_a_task_only_in_a_file_builds_on_ray_and_serves_over_http(tmp_path, mode
     local_uri, ray_uri = str(tmp_path / "local.db"), str(tmp_path / "ray.db")
     (local,) = build([task], model=MODEL, db_uri=local_uri, quiet=True)
     (distributed,) = build([task], model=MODEL, db_uri=ray_uri, engine="ray", quiet=True,
-                           ray_options=RayOptions(num_actors=2, shard_size=16, cpus_per_actor=ACTOR_CPUS))
+                           ray_options=RayOptions(num_actors=2, cpus_per_actor=ACTOR_CPUS))
     assert distributed.collection == local.collection and distributed.n_in_db == local.n_in_db == 40
     ids = record_ids(task.name, "train", np.arange(40))
     meta = setup_meta(*models_reused, task)
