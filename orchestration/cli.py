@@ -307,7 +307,7 @@ def build(
 ) -> None:
     """Build a task's exit database from its training split (paper Algorithm 3.1); re-runs are idempotent.
 
-    One build serves every exit policy (raee, raee-cal, fused): pick the policy later, in explain, serve or
+    One build serves every exit policy (fused, raee, raee-cal, confident): pick the policy later, in explain, serve or
     score. The build's --fraction and --only-correct are recorded with it, so later commands find it without
     repeating them.
 
