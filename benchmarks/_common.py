@@ -47,3 +47,17 @@ def timed_alternating(fns: dict[str, Callable[[], object]], repeats: int, warmup
 
 def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
+
+
+def search_latency_ms(db, queries: np.ndarray, batch: int, repeats: int, k: int) -> tuple[float, float]:
+    """p50, p99 in ms of one `db.search` call with `batch` queries, over `repeats` calls after 3 warm-ups."""
+    for i in range(3):
+        db.search(queries[i * batch : (i + 1) * batch], k=k)
+    times = []
+    for r in range(repeats):
+        start = (r * batch) % (len(queries) - batch + 1)
+        t0 = time.perf_counter()
+        db.search(queries[start : start + batch], k=k)
+        times.append(time.perf_counter() - t0)
+    ms = np.array(times) * 1000
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import search_latency_ms
 from milvus.exit_db import ExitDB, ExitDBMeta
 from milvus.index import IndexConfig
 from milvus.server import EmbeddedMilvusServer
@@ -68,18 +69,6 @@ def records(lo: int, hi: int, data: np.ndarray, n_layers: int, rng: np.random.Ge
                        labels=np.arange(lo, hi, dtype=np.int64) % 2, texts=tuple("x" * 64 for _ in range(hi - lo)))
 
 
-def latency_ms(db: ExitDB, queries: np.ndarray, batch: int, repeats: int, k: int) -> tuple[float, float]:
-    """p50, p99 in ms of one `search` call with `batch` queries, over `repeats` calls after 3 warm-ups."""
-    for i in range(3):
-        db.search(queries[i * batch : (i + 1) * batch], k=k)
-    times = []
-    for r in range(repeats):
-        start = (r * batch) % (len(queries) - batch + 1)
-        t0 = time.perf_counter()
-        db.search(queries[start : start + batch], k=k)
-        times.append(time.perf_counter() - t0)
-    ms = np.array(times) * 1000
-    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
 def run_backend(backend: str, uri: str, token: str | None, index: IndexConfig, data: np.ndarray,
@@ -100,8 +89,8 @@ def run_backend(backend: str, uri: str, token: str | None, index: IndexConfig, d
         db.flush(wait_index=True, timeout_s=3600)
         index_s = time.perf_counter() - t0
         count = db.count()
-        p50_1, p99_1 = latency_ms(db, queries, 1, args.repeats_1, args.k)
-        p50_32, p99_32 = latency_ms(db, queries, 32, args.repeats_32, args.k)
+        p50_1, p99_1 = search_latency_ms(db, queries, 1, args.repeats_1, args.k)
+        p50_32, p99_32 = search_latency_ms(db, queries, 32, args.repeats_32, args.k)
         found = db.search(queries, k=args.k).ids  # (Q, k)
         recall = float(np.mean([len(set(f) & set(t)) / args.k for f, t in zip(found.tolist(), truth.tolist(),
                                                                                  strict=True)]))

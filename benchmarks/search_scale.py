@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from benchmarks._common import provenance, search_latency_ms
 from milvus.exit_db import ExitDB, ExitDBMeta
 from milvus.index import IndexConfig
 from milvus.server import EmbeddedMilvusServer
@@ -121,18 +122,6 @@ def load(db: ExitDB, real: np.ndarray, args: argparse.Namespace) -> float:
     return time.perf_counter() - t0
 
 
-def latency_ms(db: ExitDB, queries: np.ndarray, batch: int, repeats: int, k: int) -> tuple[float, float]:
-    """p50, p99 in ms of one `search` of `batch` queries, over `repeats` calls after 3 warm-ups."""
-    for i in range(3):
-        db.search(queries[i * batch : (i + 1) * batch], k=k)
-    times = []
-    for r in range(repeats):
-        start = (r * batch) % (len(queries) - batch + 1)
-        t0 = time.perf_counter()
-        db.search(queries[start : start + batch], k=k)
-        times.append(time.perf_counter() - t0)
-    ms = np.array(times) * 1000
-    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
 def search_all(db: ExitDB, queries: np.ndarray, k: int):
@@ -153,8 +142,8 @@ def measure(db: ExitDB, index: IndexConfig, build_s: float, queries: np.ndarray,
     hits = (found.ids[:, :, None] == truth.ids[:, None, :]).any(axis=2)  # (Q, k)
     agree = policy.exit_layers(found) == policy.exit_layers(truth)  # (Q,)
     reps_1, reps_32 = (args.repeats_1, args.repeats_32) if index.kind != "FLAT" else (20, 5)
-    p50_1, p99_1 = latency_ms(db, queries, 1, reps_1, args.k)
-    p50_32, p99_32 = latency_ms(db, queries, 32, reps_32, args.k)
+    p50_1, p99_1 = search_latency_ms(db, queries, 1, reps_1, args.k)
+    p50_32, p99_32 = search_latency_ms(db, queries, 32, reps_32, args.k)
     return {"index": index.kind, "build_params": index.build_params(), "search_params": index.search_params(args.k),
             "index_build_s": round(build_s, 1), "recall_at_k": round(float(hits.mean()), 4),
             "exit_agreement": round(float(agree.mean()), 4), "exit_disagreements": int((~agree).sum()),
@@ -219,8 +208,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.kinds = args.kinds.split(",")
-
-    from benchmarks._common import provenance
 
     prov = {"benchmark": "search_scale", **provenance(seed=args.seed, k=args.k, sigma=[args.sigma_min, args.sigma_max],
                                                       backend=args.uri or "embedded milvus 2.3.5"),
