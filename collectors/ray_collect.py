@@ -38,7 +38,7 @@ import ray
 from tqdm.auto import tqdm
 
 from collectors.build import BuildOptions, BuildSummary, carry_over, collect_batch, fit_head, prepare, summarize
-from collectors.stream import SplitScan, SplitSource, batch_dataset, scan_split
+from collectors.stream import SplitScan, SplitSource, batch_dataset, in_sorted, scan_split
 from milvus.exit_db import ExitDB, ExitDBMeta, is_lite_uri
 from milvus.index import choose_index
 from milvus.versions import BuildTarget, begin_version, finish_version
@@ -137,10 +137,10 @@ class _Collector:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         part = batch_dataset(self.task, batch)
         pos = np.asarray(batch["pos"], np.int64)
-        at = np.minimum(np.searchsorted(self.known_pos, pos), max(len(self.known_pos) - 1, 0))
-        known = self.known_pos[at] == pos if len(self.known_pos) else np.zeros(len(pos), bool)
+        known = in_sorted(pos, self.known_pos)  # (b,) rows of the sample, whose distributions came with the actor
         records, probs = collect_batch(self.backbone, self.encoder, part, head=self.head,
-                                       known_probs=self.known_probs[at[known]], known=known,
+                                       known_probs=self.known_probs[np.searchsorted(self.known_pos, pos[known])],
+                                       known=known,
                                        only_correct=self.options.only_correct)
         no_correct, full_correct = (probs == 0).all(axis=1), probs[:, -1] > 0  # (b,), (b,)
         if self.db is not None:  # a server: write here, hand back one row of tallies
@@ -281,7 +281,7 @@ def _stored(db: ExitDB, task: Task, scan: SplitScan) -> tuple[dict[str, int], np
         mine = (ids >= base) & (ids < base + scan.n_split)  # this task's training rows, not added examples
         ids, exit_probs = ids[mine], exit_probs[mine]
         if scan.subset is not None:
-            inside = np.isin(ids - base, scan.subset)
+            inside = in_sorted(ids - base, scan.subset)
             ids, exit_probs = ids[inside], exit_probs[inside]
         found.append(ids)
         tally["n_examples"] += len(ids)

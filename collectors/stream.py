@@ -51,7 +51,7 @@ def scan_split(task: Task, variant: BuildVariant, *, n_sample: int, data_dir: st
     for part in iter_split(task, "train", data_dir, batch_rows=block_rows):
         pos = np.arange(start, start + len(part))
         start += len(part)
-        digest.update(part if subset is None else part.take(np.flatnonzero(_member(pos, subset))))
+        digest.update(part if subset is None else part.take(np.flatnonzero(in_sorted(pos, subset))))
         hit = np.flatnonzero(np.isin(pos, sample_pos))
         if len(hit):
             parts.append((pos[hit], part.take(hit)))
@@ -86,8 +86,8 @@ class SplitSource(Datasource):
         for part in iter_split(self.task, "train", self.data_dir, batch_rows=self.block_rows):
             pos = np.arange(start, start + len(part))
             start += len(part)
-            keep = np.ones(len(part), bool) if self.subset is None else _member(pos, self.subset)
-            keep &= ~_member(record_ids(self.task.name, "train", part.example_idx), self.stored)
+            keep = np.ones(len(part), bool) if self.subset is None else in_sorted(pos, self.subset)
+            keep &= ~in_sorted(record_ids(self.task.name, "train", part.example_idx), self.stored)
             rows = np.flatnonzero(keep)
             if not len(rows):
                 continue
@@ -105,7 +105,7 @@ def batch_dataset(task: Task, batch: dict[str, np.ndarray]) -> Dataset:
                    np.asarray(batch["example_idx"], np.int64), pairs)
 
 
-def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+def in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     """(N,) bool: values[i] in sorted_set, by binary search (no Python loop, no hash set of a million ids)."""
     if not len(sorted_set):
         return np.zeros(len(values), bool)

@@ -564,13 +564,11 @@ class RaeeServer:
                 if len(text) > limits.max_text_chars:
                     raise HTTPException(413, f"{field_name[:-1]} {i} has {len(text)} characters, more than the "
                                              f"limit of {limits.max_text_chars} (raee serve --max-text-chars)")
-        requests = [Request(text, name, body.explain, pairs[i] if pairs else None, body.policy)
-                    for i, text in enumerate(body.texts)]
-        try:
-            self.engine.check(requests)  # what only the engine knows: e.g. a policy this task's read-out cannot run
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from exc
-        return requests
+        unavailable = self.engine.policy_unavailable(name, body.policy or self.engine.default_policy)
+        if unavailable is not None:
+            raise HTTPException(422, unavailable)
+        return [Request(text, name, body.explain, pairs[i] if pairs else None, body.policy)
+                for i, text in enumerate(body.texts)]
 
     def _close(self) -> None:
         handles = [*getattr(self, "dbs", {}).values(), *getattr(self, "retired", []),

@@ -197,16 +197,24 @@ class BatchEngine:
             if policy != FULL_MODEL and policy not in self.policies:
                 raise ValueError(f"request {i}: unknown exit policy {policy!r}; known: "
                                  f"{', '.join([*sorted(self.policies), FULL_MODEL])}")
-            if getattr(self.policies.get(policy), "dynamic", False):
-                reason = self.backbone.rule_exit_unsupported(entry.task, entry.head)
-                if reason is not None:
-                    raise ValueError(f"request {i}: policy {policy!r} is not available for task {request.task!r}: "
-                                     f"{reason}; the other policies are")
+            reason = self.policy_unavailable(request.task, policy)
+            if reason is not None:
+                raise ValueError(f"request {i}: {reason}")
             if entry.task.has_pairs != (request.text_pair is not None):
                 need = "needs a text_pair" if entry.task.has_pairs else "takes no text_pair"
                 raise ValueError(f"request {i}: task {request.task!r} {need}")
             if request.text_pair is not None:
                 check_texts([request.text_pair])
+
+    def policy_unavailable(self, task_name: str, policy: str) -> str | None:
+        """Why a known policy cannot serve a served task here, or None: a policy that decides the exit during the
+        forward needs one read-out row per example (Backbone.rule_exit_unsupported)."""
+        if not getattr(self.policies.get(policy), "dynamic", False):
+            return None
+        entry = self.served[task_name]
+        reason = self.backbone.rule_exit_unsupported(entry.task, entry.head)
+        return None if reason is None else (f"policy {policy!r} is not available for task {task_name!r}: {reason}; "
+                                            "the other policies are")
 
     def classify(self, texts: Sequence[str], task: Task | str, *, pairs: Sequence[str] | None = None,
                  explain: bool = False, policy: str | None = None) -> list[Response]:
@@ -296,11 +304,9 @@ class BatchEngine:
             raise EngineSetupError(f"exit database {db.collection!r} was built for another setup ({'; '.join(diffs)})"
                              f"{hint}; rebuild it with this backbone/encoder/task or point the engine at the "
                              "matching one")
-        if getattr(self.policies[self.default_policy], "dynamic", False):
-            reason = self.backbone.rule_exit_unsupported(entry.task, entry.head)
-            if reason is not None:
-                raise EngineSetupError(f"the default policy {self.default_policy!r} cannot serve task "
-                                       f"{entry.task.name!r}: {reason}; pick another with --policy")
+        reason = self.policy_unavailable(entry.task.name, self.default_policy)
+        if reason is not None:
+            raise EngineSetupError(f"the default {reason}; pick another with --policy")
         if self.policies[self.default_policy].calibrated and db.calibration is None:
             raise EngineSetupError(f"exit database {db.collection!r} stores no calibration, which the policy "
                              f"{self.default_policy!r} needs; rebuild it with `raee build` (or use --policy raee)")

@@ -282,11 +282,12 @@ def _evaluate_head(view: _HeadView, task: Task, backbone: Backbone, encoder: Key
         result.mean_exit[method + sfx] = float(np.mean(exits[method])) if len(t.data) else float("nan")
 
     served = ServedTask(task, raw_db, view.head)
-    engines = {m + sfx: BatchEngine(backbone, encoder, {task.name: served}, {p: policies[m]}, p)
-               for m, p in ENGINE_METHODS.items() if m in policies}
+    checked = [m for m in ENGINE_METHODS if m in policies]
+    engines = {m + sfx: BatchEngine(backbone, encoder, {task.name: served}, {ENGINE_METHODS[m]: policies[m]},
+                                    ENGINE_METHODS[m]) for m in checked}
     n_check = len(t.data) if config.engine_check_examples is None else min(config.engine_check_examples, len(t.data))
     result.engine_checked = n_check
-    for m in (m for m in ENGINE_METHODS if m in policies):
+    for m in checked:
         result.engine_mismatches[m + sfx] = _engine_mismatches(engines[m + sfx], task, t.data.head(n_check),
                                                                exits[m][:n_check], preds[m][:n_check])
     scores, shares = layer_stats(task, t.layer_probs, t.labels)
