@@ -210,6 +210,7 @@ class ServeConfig:
     write_token: str | None = field(default=None, repr=False)  # Milvus token for writes; None: token
     recorder: Callable[..., AddedExamples] | None = field(default=None, repr=False)
     version_check_s: float = 1.0  # how often (at most) a replica asks where each alias points
+    db_timeout_s: float = 5.0  # one Milvus call of a request may take this long before the request gets a 503
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -219,6 +220,8 @@ class ServeConfig:
                                   f"{self.neighbour_texts!r}")
         if self.version_check_s < 0:
             raise ServeSetupError(f"version_check_s must be >= 0, got {self.version_check_s}")
+        if self.db_timeout_s <= 0:
+            raise ServeSetupError(f"db_timeout_s must be > 0, got {self.db_timeout_s}")
         missing = [t.name for t in self.tasks if t.name not in self.collections]
         if missing:
             raise ServeSetupError(f"no collection chosen for task(s) {missing}")
@@ -335,13 +338,15 @@ class RaeeServer:
         self.writers: dict[str, ExitDB] = {}  # task -> handle that writes added examples (write_token)
         self.version_errors: dict[str, str] = {}
         self._lock = threading.Lock()  # one engine call or add at a time: they share the models and the handles
+        self._db_failure: tuple[float, ExitDBError | None] = (-math.inf, None)  # when the last batch failed on Milvus
         self._next_version_check = 0.0
         served: dict[str, ServedTask] = {}
         try:
             for task in config.tasks:
                 collection = config.collections[task.name]
                 try:
-                    db = ExitDB(config.db_uri, collection=collection, meta=None, create=False, token=config.token)
+                    db = ExitDB(config.db_uri, collection=collection, meta=None, create=False, token=config.token,
+                                timeout_s=config.db_timeout_s)
                 except ExitDBError as exc:  # reported by setup_errors(), as below
                     self.errors.append(f"no exit database for task {task.name} in {config.db_uri} ({exc}); build "
                                        f"it first: raee build --task {task.name}")
@@ -438,13 +443,25 @@ class RaeeServer:
 
     def _run(self, items: Sequence[Request]) -> list[tuple[Response, str]]:
         """Every item through the engine, with the version that answered it: one search per (task, policy) in
-        the batch, all from one version per task; order kept."""
+        the batch, all from one version per task; order kept.
+
+        A batch that waited for the lock while the batch ahead of it failed on Milvus fails at once with the
+        same error: each would otherwise wait out its own timeout, and queued requests would hang for several."""
+        waiting_since = time.monotonic()
         with self._lock:
+            failed_at, failure = self._db_failure
+            if failed_at >= waiting_since:
+                raise ExitDBError(failure.operation, failure.collection,
+                                  f"{failure.detail} (the batch ahead of this one failed so while this one waited)")
             self._follow_aliases()
             self.batches = {"n": self.batches["n"] + 1, "texts": self.batches["texts"] + len(items),
                             "largest": max(self.batches["largest"], len(items))}
             engine = self.engine
-            answers = engine.run(items)
+            try:
+                answers = engine.run(items)
+            except ExitDBError as exc:
+                self._db_failure = (time.monotonic(), exc)
+                raise
         return [(a, engine.served[item.task].db.collection) for a, item in zip(answers, items, strict=True)]
 
     def _writes_on(self) -> bool:
@@ -482,7 +499,7 @@ class RaeeServer:
                 if entry.db.resolve(timeout_s=_FOLLOW_TIMEOUT_S) == entry.db.collection:
                     continue
                 db = ExitDB(self.config.db_uri, collection=entry.db.alias, meta=None, create=False,
-                            token=self.config.token)
+                            token=self.config.token, timeout_s=self.config.db_timeout_s)
             except ExitDBError as exc:
                 self.version_errors[name] = f"cannot follow {entry.db.alias}: {exc}"
                 continue

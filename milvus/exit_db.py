@@ -83,6 +83,7 @@ class ExitDBError(RuntimeError):
         super().__init__(f"exit db {operation} on collection {collection!r} failed: {detail}")
         self.operation = operation
         self.collection = collection
+        self.detail = detail
 
 
 class MetadataMismatchError(ExitDBError):

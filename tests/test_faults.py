@@ -182,11 +182,18 @@ def test_milvus_restart_gives_clear_503_then_serving_resumes_without_redeploy(tm
             assert failed and {o.status for o in failed} == {503}, {o.error for o in failed}
             assert all(stopped_at - 1.0 <= o.start <= resumed_at for o in failed)
             assert all(o.ok for o in load.outcomes if o.start > resumed_at + 0.5)
-            assert max(o.end - o.start for o in load.outcomes) < 15  # nothing hung while Milvus was down
+            slowest = max(load.outcomes, key=lambda o: o.end - o.start)
+            slowest_s = slowest.end - slowest.start
+            # Nothing hung while Milvus was down: a call fails within about two db_timeout_s (5 s; pymilvus may
+            # start a last retry just before its deadline), and batches that queued behind a failing one fail with it.
+            assert slowest_s < 15, (f"a request took {slowest_s:.1f} s (status {slowest.status}, sent "
+                                    f"{slowest.start - stopped_at:+.1f} s from the stop)")
             report(f"fault milvus restart: 1 injected, survived without redeploying; {len(failed)} requests got "
                   f"503 while it was down (first in {down_s * 1000:.0f} ms), served again "
                   f"{resumed_at - started_at:.1f} s after the server was back "
-                  f"({resumed_at - stopped_at:.1f} s after the stop); {sum(o.ok for o in load.outcomes)} served")
+                  f"({resumed_at - stopped_at:.1f} s after the stop); {sum(o.ok for o in load.outcomes)} served; "
+                  f"slowest request {slowest_s:.1f} s (status {slowest.status}, sent "
+                  f"{slowest.start - stopped_at:+.1f} s from the stop)")
         finally:
             delete_app("raee-milvus-fault")
     finally:
