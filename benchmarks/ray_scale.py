@@ -60,7 +60,7 @@ def collection_throughput(spec: ModelSpec, task, data: Dataset, *, repeats: int,
 
     task = task_on_disk(task, data.texts, data.labels, root)
     rates: dict[int, list[float]] = {1: [], 2: []}
-    last_db = ""
+    last_db, collection = "", ""
     for rep in range(repeats + 1):  # repeat 0 warms both up and is dropped
         for n in (1, 2):
             last_db = str(root / f"collect_{n}_{rep}.db")
@@ -69,11 +69,13 @@ def collection_throughput(spec: ModelSpec, task, data: Dataset, *, repeats: int,
                                   shape=PoolShape(n, cpus, 0), show_progress=False)
             seconds = time.perf_counter() - t0
             assert result.summaries[0].n_in_db == len(data), result
+            collection = result.summaries[0].version or result.summaries[0].collection
             if rep:
                 rates[n].append(len(data) / seconds)
     one, two = float(np.median(rates[1])), float(np.median(rates[2]))
     return {"examples": len(data), "repeats": repeats, "examples_per_s_1_actor": round(one, 2),
-            "examples_per_s_2_actors": round(two, 2), "speedup_2_vs_1": round(two / one, 3), "db": last_db}
+            "examples_per_s_2_actors": round(two, 2), "speedup_2_vs_1": round(two / one, 3), "db": last_db,
+            "collection": collection}
 
 
 def _post(url: str, task: str, text: str, policy: str) -> tuple[float, dict]:
@@ -174,7 +176,8 @@ def main() -> None:
             from tests.fixtures_ray import free_port
 
             url = start_http(port=free_port())
-            config = ServeConfig(tasks=(task.name,), db_uri=collect.pop("db"))
+            config = ServeConfig(tasks=(task,), collections={task.name: collect.pop("collection")},
+                                 db_uri=collect.pop("db"))
             run_app(build_app(spec, config, cpus_per_replica=1.0, limits=Limits(max_batch_size=16)), name="bench")
             try:
                 serve_figures = serving(url, task, queries, labels, repeats=args.repeats)
