@@ -5,10 +5,11 @@ split) share every example they have in common. One folder per (backbone name, d
 task digest, split) holds chunks of `.npy` arrays: the examples' file positions, a 64-bit hash of each
 example's text (and pair), its label distributions (N, L+1, C) float32 and its answer-position states
 (N, L+1, H) float32, kept at full precision so trained heads read exactly what inference will compute. An
-example is served from the cache only when its position and text hash both match; the rest are computed in
-one pass and written as a new chunk (each file renamed into place, the index file last, so a killed run
-never leaves a half-written chunk). No pickle. Inference never uses it. The key does not hash the weights:
-after changing a model's files in place under the same name, delete `<cache_dir>/forward/`.
+example is served from the cache only when its position and text hash both match; the rest are computed and
+written as new chunks of at most CHUNK_ROWS examples (each file renamed into place, the index file last, so a
+killed run never leaves a half-written chunk and the next run resumes after its last finished chunk). No pickle.
+Inference never uses it. The key does not hash the weights: after changing a model's files in place under the
+same name, delete `<cache_dir>/forward/`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from raee.backbones import Backbone, LayerPass
 from raee.tasks import Dataset
 
 _INDEX, _HASH, _PROBS, _STATES = "idx", "hash", "probs", "states"
+CHUNK_ROWS = 1024  # examples per written chunk: what a killed multi-hour pass loses at most
 
 
 def text_hashes(dataset: Dataset) -> np.ndarray:
@@ -44,19 +47,28 @@ def cache_folder(root: str | os.PathLike[str], backbone: Backbone, dataset: Data
 
 
 def cached_layer_pass(backbone: Backbone, dataset: Dataset, cache_dir: str | os.PathLike[str] | None, *,
-                      quiet: bool = False) -> LayerPass:
+                      quiet: bool = False, chunk_rows: int = CHUNK_ROWS) -> LayerPass:
     """backbone.layer_pass over the dataset's examples, reading what cache_dir has and adding what it lacks."""
     if cache_dir is None:
         return backbone.layer_pass(dataset.texts, dataset.task, pairs=dataset.pairs, show_progress=not quiet)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     folder = cache_folder(cache_dir, backbone, dataset)
     hashes = text_hashes(dataset)
     found = _lookup(folder, dataset.example_idx, hashes)  # (N,) chunk number or -1, row in that chunk
     missing = np.flatnonzero(found[0] < 0)
     fresh = None
     if len(missing):
-        part = dataset.take(missing)
-        fresh = backbone.layer_pass(part.texts, part.task, pairs=part.pairs, show_progress=not quiet)
-        _write_chunk(folder, part.example_idx, hashes[missing], fresh)
+        computed = []
+        with tqdm(total=len(missing), desc=f"{dataset.task.name} {dataset.split} forward", unit="ex",
+                  disable=quiet) as bar:
+            for start in range(0, len(missing), chunk_rows):
+                rows = missing[start : start + chunk_rows]
+                part = dataset.take(rows)
+                computed.append(backbone.layer_pass(part.texts, part.task, pairs=part.pairs))
+                _write_chunk(folder, part.example_idx, hashes[rows], computed[-1])
+                bar.update(len(rows))
+        fresh = LayerPass(np.concatenate([c.probs for c in computed]), np.concatenate([c.states for c in computed]))
     return _gather(folder, found, missing, fresh, len(dataset))
 
 
