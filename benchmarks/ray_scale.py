@@ -173,7 +173,7 @@ def main() -> None:
             print(f"collection of {collect['examples']} examples: {collect['examples_per_s_1_actor']} ex/s with 1 "
                   f"actor, {collect['examples_per_s_2_actors']} ex/s with 2 -> speedup {collect['speedup_2_vs_1']}x",
                   flush=True)
-            from tests.fixtures_ray import free_port
+            from milvus.server import free_port
 
             url = start_http(port=free_port())
             config = ServeConfig(tasks=(task,), collections={task.name: collect.pop("collection")},

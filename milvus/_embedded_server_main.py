@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import socket
 import sys
@@ -25,8 +26,36 @@ import urllib.request
 _ROLES = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dataCoord", "dataNode")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
+_PORT_FLOOR = 20000  # Ray's worker ports are 10002-19999 by default
+_given: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_port() -> int:
+    """A loopback port free now, below the kernel's ephemeral range where one exists.
+
+    The server binds its ports seconds after they are chosen. A port from the ephemeral range can meanwhile
+    become the source port of any outgoing connection on the machine (Ray starting beside a test session did
+    that: "bind: address already in use"); ports below that range are only taken by explicit binds."""
+    low = _ephemeral_low()
+    candidates = [p for p in random.sample(range(_PORT_FLOOR, low), min(200, low - _PORT_FLOOR))
+                  if p not in _given] if low > _PORT_FLOOR + 1000 else []
+    for port in candidates:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    with socket.socket() as sock:  # no room below the ephemeral range: any free port
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
@@ -34,7 +63,7 @@ def _free_port() -> int:
 def _use_private_etcd_ports(server: object, data_dir: str) -> None:
     """Give the embedded etcd free loopback ports: its peer port 2380 is fixed in 2.3.5's template,
     so a second server on the same machine would otherwise fail to start."""
-    client_port, peer_port = _free_port(), _free_port()
+    client_port, peer_port = free_port(), free_port()
     etcd_yaml = os.path.join(data_dir, "embed-etcd.yaml")
     os.makedirs(data_dir, exist_ok=True)
     with open(etcd_yaml, "w", encoding="utf-8") as f:
@@ -51,8 +80,8 @@ def _use_private_etcd_ports(server: object, data_dir: str) -> None:
     # servers (tests and a benchmark) can run side by side.
     for key in list(server.config_keys):
         if key.endswith("_port") and key not in ("proxy_port", "etcd_port"):
-            server.config.configs[key] = _free_port()
-    server.webservice_port = _free_port()
+            server.config.configs[key] = free_port()
+    server.webservice_port = free_port()
     server.config.template_text = server.config.template_text.replace(
         "  use:\n    embed: true", f"  config:\n    path: {etcd_yaml}\n  use:\n    embed: true", 1
     )

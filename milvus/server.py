@@ -18,11 +18,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from milvus._embedded_server_main import free_port  # stdlib only; also picks the server's internal ports
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = REPO_ROOT / ".milvus-server-venv"
@@ -37,13 +38,6 @@ def server_python(venv: Path | None = None) -> Path:
     """The python of the server venv (env RAEE_MILVUS_SERVER_VENV overrides the default location)."""
     venv = venv or Path(os.environ.get("RAEE_MILVUS_SERVER_VENV", DEFAULT_VENV))
     return venv / "bin" / "python"
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class EmbeddedMilvusServer:

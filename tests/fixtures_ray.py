@@ -9,11 +9,11 @@ Actors and replicas ask for fractional CPUs so a collector pool and a Serve repl
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 
 import pytest
 
+from milvus.server import free_port  # below the ephemeral range: no outgoing connection takes it first
 from tests.fixtures_models import tiny_model
 
 RAY_NUM_CPUS = 2
@@ -41,13 +41,6 @@ def serve_config(uri: str, builds: dict, **kwargs):
 
 
 RAEE_KNOBS = {"k": 5, "tau": 0.6}  # the paper's policy with the tiny tests' neighbourhoods
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
