@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
@@ -209,17 +209,33 @@ def evaluate_task(task: Task, backbone: Backbone, encoder: KeyEncoder, config: E
     result.build_seconds = round(time.perf_counter() - start, 1)
     u = _record(backbone, encoder, tune, config, quiet)
     t = _record(backbone, encoder, test, config, quiet)
-    ramps = _offramps(tr, u, t, task, config) if ("offramp" in config.heads or config.peers) else None
+    ramps = None
+    if "offramp" in config.heads or config.peers:
+        with _stage(task, f"fitting off-ramps ({config.offramp_folds} folds and the final ones, {len(train)} "
+                          "examples)"):
+            ramps = _offramps(tr, u, t, task, config)
     timers: dict[str, Timer] = {"full": lambda rows: _predict(backbone, t.data, rows, backbone.n_layers)}
     with ExitStack() as stack:
         for name in config.heads:
             view = _HeadView("lm", None, tr, u, t) if name == "lm" else ramps
-            timers.update(_evaluate_head(view, task, backbone, encoder, config, result, stack,
-                                         figure_dir if name == "lm" else None))
+            with _stage(task, f"RAEE's policies over the {name} head (database, tuning, engine check)"):
+                timers.update(_evaluate_head(view, task, backbone, encoder, config, result, stack,
+                                             figure_dir if name == "lm" else None))
         if config.peers:
-            timers.update(_evaluate_peers(task, backbone, tr, u, t, ramps, config, result))
-        result.latency_ms = _latency(timers, t.data, config)
+            with _stage(task, "the paper's peers (SLEB's block search runs the backbone)"):
+                timers.update(_evaluate_peers(task, backbone, tr, u, t, ramps, config, result))
+        with _stage(task, f"latency of {len(timers)} methods"):
+            result.latency_ms = _latency(timers, t.data, config)
     return result
+
+
+@contextmanager
+def _stage(task: Task, what: str) -> Iterator[None]:
+    """Log a long step of the evaluation and its duration: some run for minutes without a progress bar."""
+    log.info("%s: %s ...", task.name, what)
+    start = time.perf_counter()
+    yield
+    log.info("%s: %s done in %.0f s", task.name, what, time.perf_counter() - start)
 
 
 def _evaluate_head(view: _HeadView, task: Task, backbone: Backbone, encoder: KeyEncoder, config: EvalConfig,
