@@ -23,7 +23,7 @@ import numpy as np
 
 # Floor on q so that a class a layer never predicts cannot divide by zero (p~ is then dominated by it,
 # which is the right reading: any mass on a never-predicted class is news).
-_MIN_BIAS = 1e-6
+MIN_BIAS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Calibration:
         if probs.ndim != 3 or probs.shape[1:] != self.bias.shape:
             raise ValueError(f"layer_probs must be (N, {self.bias.shape[0]}, {self.bias.shape[1]}), "
                              f"got {probs.shape}")
-        return _normalise(probs / np.maximum(self.bias, _MIN_BIAS)[None])
+        return _normalise(probs / np.maximum(self.bias, MIN_BIAS)[None])
 
     def apply_at(self, probs: np.ndarray, layers: np.ndarray) -> np.ndarray:
         """Calibrate each row at its own exit layer: probs (N, C), layers (N,) in [0, L] -> (N, C)."""
@@ -68,7 +68,7 @@ class Calibration:
             raise ValueError(f"need probs (N, {self.n_classes}) and layers (N,), got {probs.shape}, {layers.shape}")
         if layers.size and (layers.min() < 0 or layers.max() > self.n_layers):
             raise ValueError(f"layers must lie in [0, {self.n_layers}]")
-        return _normalise(probs / np.maximum(self.bias[layers], _MIN_BIAS))
+        return _normalise(probs / np.maximum(self.bias[layers], MIN_BIAS))
 
     def to_json(self) -> str:
         return json.dumps({"kind": self.kind, "n_examples": self.n_examples, "bias": self.bias.tolist()})

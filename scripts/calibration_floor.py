@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from raee.calibration import MIN_BIAS as FLOOR
 from raee.models import DEFAULT_BACKBONE, load_backbone
 from raee.tasks import get_task, load_split
-
-FLOOR = 1e-6  # raee.calibration._MIN_BIAS
 
 
 def main() -> None:

@@ -184,16 +184,16 @@ def test_milvus_restart_gives_clear_503_then_serving_resumes_without_redeploy(tm
             assert all(o.ok for o in load.outcomes if o.start > resumed_at + 0.5)
             slowest = max(load.outcomes, key=lambda o: o.end - o.start)
             slowest_s = slowest.end - slowest.start
+            slowest_text = (f"{slowest_s:.1f} s (status {slowest.status}, sent {slowest.start - stopped_at:+.1f} s "
+                            "from the stop)")
             # Nothing hung while Milvus was down: a call fails within about two db_timeout_s (5 s; pymilvus may
             # start a last retry just before its deadline), and batches that queued behind a failing one fail with it.
-            assert slowest_s < 15, (f"a request took {slowest_s:.1f} s (status {slowest.status}, sent "
-                                    f"{slowest.start - stopped_at:+.1f} s from the stop)")
+            assert slowest_s < 15, f"a request took {slowest_text}"
             report(f"fault milvus restart: 1 injected, survived without redeploying; {len(failed)} requests got "
                   f"503 while it was down (first in {down_s * 1000:.0f} ms), served again "
                   f"{resumed_at - started_at:.1f} s after the server was back "
                   f"({resumed_at - stopped_at:.1f} s after the stop); {sum(o.ok for o in load.outcomes)} served; "
-                  f"slowest request {slowest_s:.1f} s (status {slowest.status}, sent "
-                  f"{slowest.start - stopped_at:+.1f} s from the stop)")
+                  f"slowest request {slowest_text}")
         finally:
             delete_app("raee-milvus-fault")
     finally:
