@@ -41,17 +41,17 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
 
 import grpc
 from pymilvus import MilvusClient
 from pymilvus.exceptions import MilvusException
+from pymilvus.grpc_gen import milvus_pb2
 
 READER_ROLE, WRITER_ROLE = "raee_reader", "raee_writer"
 READER_USER, WRITER_USER = "raee_reader", "raee_writer"
 
 # (object type, privilege): what ExitDB's open / search / count call on a server. create_roles waits until the
-# proxy applies the ones a build reaches last (see _PROBES).
+# proxy applies each of them (see _PRIVILEGE_RPCS).
 READER_PRIVILEGES: tuple[tuple[str, str], ...] = (
     ("Global", "DescribeCollection"),  # has_collection, describe_collection (metadata guard)
     ("Global", "ShowCollections"),
@@ -108,18 +108,18 @@ def create_roles(uri: str, root_token: str, *, reader_password: str, writer_pass
             _step(f"create user {user}", lambda u=user, p=password: (
                 u not in client.list_users() and client.create_user(u, p)))
             _step(f"grant role {role} to {user}", lambda u=user, r=role: client.grant_role(u, r))
-            for object_type, privilege in privileges:  # the sentinel (GetStatistics) last
+            for object_type, privilege in privileges:
                 name = "*" if object_type == "Global" else collection
                 _step(f"grant {privilege} on {object_type} {name} to {role}",
                       lambda r=role, o=object_type, p=privilege, n=name: client.grant_privilege(
                           r, o, p, n, db_name=db_name))
-            tokens[kind] = f"{user}:{password}"
+            tokens[kind] = (f"{user}:{password}", privileges)
     finally:
         client.close()
     if collection == "*":  # a named collection may not exist yet, so there is nothing to probe
-        for kind, token in tokens.items():
-            _wait_effective(uri, token, timeout_s, effective_timeout_s, db_name, _PROBES[kind])
-    return tokens
+        for token, privileges in tokens.values():
+            _wait_effective(uri, token, timeout_s, effective_timeout_s, db_name, privileges)
+    return {kind: token for kind, (token, _) in tokens.items()}
 
 
 def team_uri(uri: str, team: str) -> str:
@@ -207,37 +207,58 @@ def _client(uri: str, token: str, timeout_s: float, db_name: str = "") -> Milvus
     return MilvusClient(uri=uri, token=token, timeout=timeout_s, **({"db_name": db_name} if db_name else {}))
 
 
-# Calls that pass a privilege check before they look the (missing) probe collection up. The proxy applies grants
-# in no promised order (seen in CI: a writer past GetStatistics still refused GetFlushState at its first flush), so
-# each privilege a build calls last is probed on its own.
-_Probe = Callable[[MilvusClient, float], object]
-_PROBES: dict[str, tuple[_Probe, ...]] = {
-    "reader": (lambda c, t: c.get_collection_stats(_PROBE_COLLECTION, timeout=t),),
-    "writer": (lambda c, t: c.get_collection_stats(_PROBE_COLLECTION, timeout=t),
-               lambda c, t: c.flush(_PROBE_COLLECTION, timeout=t),
-               lambda c, t: c._get_connection().get_flush_state([], _PROBE_COLLECTION, 0, timeout=t,
-                                                                 context=c._generate_call_context())),
+# Each privilege a role holds is probed on its own, with the RPC that Milvus checks it on, sent raw to a
+# collection that does not exist: the proxy checks the privilege before it looks the collection up. The proxy
+# applies grants in no promised order (CI saw a writer past GetStatistics refused GetFlushState at its first
+# flush, and later one past every probe then refused Upsert), so probing a few sentinels is not enough. Raw
+# requests, not MilvusClient calls: the client describes the collection before an upsert, which would stop at
+# DescribeCollection. A create with an empty schema is refused for its schema after the check; nothing is made.
+_PRIVILEGE_RPCS: dict[str, tuple[str, str, dict[str, object]]] = {  # privilege -> (RPC, request, fields)
+    "DescribeCollection": ("DescribeCollection", "DescribeCollectionRequest", {}),
+    "ShowCollections": ("ShowCollections", "ShowCollectionsRequest", {"collection_name": None}),
+    "Load": ("LoadCollection", "LoadCollectionRequest", {}),
+    "GetLoadState": ("GetLoadState", "GetLoadStateRequest", {}),
+    "GetLoadingProgress": ("GetLoadingProgress", "GetLoadingProgressRequest", {}),
+    "IndexDetail": ("DescribeIndex", "DescribeIndexRequest", {}),
+    "Search": ("Search", "SearchRequest", {}),
+    "Query": ("Query", "QueryRequest", {"expr": "id >= 0"}),
+    "GetStatistics": ("GetCollectionStatistics", "GetCollectionStatisticsRequest", {}),
+    "CreateCollection": ("CreateCollection", "CreateCollectionRequest", {}),
+    "CreateAlias": ("CreateAlias", "CreateAliasRequest", {"alias": _PROBE_COLLECTION + "_alias"}),
+    "CreateIndex": ("CreateIndex", "CreateIndexRequest", {"field_name": "vector"}),
+    "Insert": ("Insert", "InsertRequest", {}),
+    "Upsert": ("Upsert", "UpsertRequest", {}),
+    "Delete": ("Delete", "DeleteRequest", {"expr": "id in [0]"}),
+    "Flush": ("Flush", "FlushRequest", {"collection_name": None, "collection_names": [_PROBE_COLLECTION]}),
+    "GetFlushState": ("GetFlushState", "GetFlushStateRequest", {}),
 }
 
 
-def _wait_effective(uri: str, token: str, timeout_s: float, effective_timeout_s: float, db_name: str = "",
-                    probes: tuple[_Probe, ...] = _PROBES["reader"]) -> None:
-    """Block until the proxy lets `token` past each probe's privilege check, probed on a missing collection:
-    refused -> not applied yet; "collection not found" (or an answer) -> applied."""
+def _privilege_granted(client: MilvusClient, privilege: str, db_name: str, timeout_s: float) -> bool:
+    """Whether the proxy lets the client's token past `privilege`'s check: refused -> not applied yet;
+    "collection not found" or any other answer -> applied."""
+    method, request_type, fields = _PRIVILEGE_RPCS[privilege]
+    fields = {"collection_name": _PROBE_COLLECTION, **fields, "db_name": db_name}
+    request = getattr(milvus_pb2, request_type)(**{k: v for k, v in fields.items() if v is not None})
+    try:
+        metadata = client._generate_call_context().to_grpc_metadata()  # the proxy takes the database from here
+        response = getattr(client._get_connection()._stub, method)(request, timeout=timeout_s, metadata=metadata)
+    except grpc.RpcError as exc:
+        return exc.code() != grpc.StatusCode.PERMISSION_DENIED and "permission" not in str(exc.details()).lower()
+    return "permission deny" not in str(response).lower()
+
+
+def _wait_effective(uri: str, token: str, timeout_s: float, effective_timeout_s: float, db_name: str,
+                    privileges: tuple[tuple[str, str], ...]) -> None:
+    """Block until the proxy lets `token` past the check of every privilege its role was granted."""
     client = _client(uri, token, timeout_s, db_name)
     deadline = time.monotonic() + effective_timeout_s
     try:
-        for probe in probes:
-            while True:
-                try:
-                    probe(client, timeout_s)
-                    break
-                except (MilvusException, grpc.RpcError) as exc:  # pymilvus lets some refusals through raw
-                    if "permission" not in str(exc).lower():
-                        break  # past the privilege check
+        for _, privilege in privileges:
+            while not _privilege_granted(client, privilege, db_name, timeout_s):
                 if time.monotonic() > deadline:
-                    raise RolesError(f"milvus roles: grants for {token.split(':', 1)[0]} not in effect after "
-                                     f"{effective_timeout_s:.0f} s")
+                    raise RolesError(f"milvus roles: grant of {privilege} to {token.split(':', 1)[0]} not in "
+                                     f"effect after {effective_timeout_s:.0f} s")
                 time.sleep(0.5)
     finally:
         client.close()

@@ -16,8 +16,10 @@ from pymilvus import MilvusClient
 from milvus.admin import drop_build, list_collections
 from milvus.exit_db import BuildVariant, ExitDB, ExitDBError, list_exit_dbs
 from milvus.roles import (
+    _PRIVILEGE_RPCS,
     READER_PRIVILEGES,
     WRITER_PRIVILEGES,
+    _privilege_granted,
     create_roles,
     create_team,
     drop_roles,
@@ -83,6 +85,26 @@ def test_reader_searches_but_cannot_write_and_writer_builds(milvus_server_uri: s
         assert not client.has_collection("roles_reader_new")
     finally:
         client.close()
+
+
+@pytest.mark.milvus_server
+def test_create_roles_returns_once_the_proxy_applies_every_grant(milvus_server_uri: str, role_tokens: dict[str, str]):
+    """The probe behind create_roles' wait tells a refused privilege from an applied one, for each privilege a
+    role holds: the writer's token passes every check, the reader's is refused each writer-only one."""
+    writer_only = [p for _, p in WRITER_PRIVILEGES if (_, p) not in READER_PRIVILEGES]
+    assert {p for _, p in WRITER_PRIVILEGES} <= set(_PRIVILEGE_RPCS)  # every grant has a probe
+    reader = {**{p: True for _, p in READER_PRIVILEGES}, **dict.fromkeys(writer_only, False)}
+    for kind, expected in (("writer", {p: True for _, p in WRITER_PRIVILEGES}), ("reader", reader)):
+        client = MilvusClient(uri=milvus_server_uri, token=role_tokens[kind])
+        try:
+            assert {p: _privilege_granted(client, p, "", 10.0) for p in expected} == expected, kind
+        finally:
+            client.close()
+    root = MilvusClient(uri=milvus_server_uri, token=role_tokens["root"])
+    try:
+        assert "raee_roles_probe_missing" not in root.list_collections()  # probing creates nothing
+    finally:
+        root.close()
 
 
 @pytest.mark.milvus_server
