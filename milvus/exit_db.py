@@ -423,20 +423,7 @@ class ExitDB:
             output_fields = [_PROBS, _LABEL, *([_TEXT] if with_texts else []),
                              *([_LAYER_PROBS] if self.has_layer_probs else [])]
             dists: list[list[float]] = []
-            hits: list[list[dict[str, Any]]] = []
-            chunk = self._search_chunk(n_queries)
-            for start in range(0, n_queries, chunk):
-                with self._op("search"):
-                    hits.extend(self._client.search(
-                        self.collection,
-                        data=list(vectors[start : start + chunk]),
-                        limit=k,
-                        output_fields=output_fields,
-                        search_params={"metric_type": self.meta.metric, "params": self.index.search_params(k)},
-                        anns_field=_VECTOR,
-                        consistency_level=self.consistency,
-                        timeout=self.timeout_s,
-                    ))
+            hits = self._search_hits(vectors, k, output_fields)
             for q, row in enumerate(hits):  # (N, <=K) dicts: the only per-hit Python loop, unavoidable
                 for j, hit in enumerate(row):
                     entity = hit["entity"]
@@ -461,6 +448,45 @@ class ExitDB:
             texts=tuple(tuple(row) for row in texts) if texts is not None else None,
             layer_probs=self._unflatten(dists, ids >= 0) if self.has_layer_probs and n_queries else None,
         )
+
+    def _search_hits(self, vectors: np.ndarray, k: int, output_fields: list[str]) -> list[list[dict[str, Any]]]:
+        """Each query's k nearest hits, ordered by (distance, id): the same answer whatever the batch.
+
+        Records at equal distance (exact duplicates in the training data) come back from Milvus in no defined
+        order, so which of them make the top k could differ between a batch search and a single one. One hit
+        more than k shows whether a tie crosses the k-th place; only those queries are searched again, wider,
+        until the tie is inside the window, and the smallest ids win it."""
+        rows = self._search_rows(vectors, min(k + 1, _MAX_K), output_fields)
+        sign = 1.0 if self.meta.metric == "L2" else -1.0  # Milvus returns similarities for COSINE and IP
+
+        def order(hit: dict[str, Any]) -> tuple[float, int]:
+            return sign * hit["distance"], hit["id"]
+
+        limit = min(k + 1, _MAX_K)
+        tied = [q for q, row in enumerate(rows) if len(row) > k and order(row[k - 1])[0] == order(row[k])[0]]
+        while tied and limit < _MAX_K:
+            limit = min(4 * limit, _MAX_K)
+            for q, row in zip(tied, self._search_rows(vectors[tied], limit, output_fields), strict=True):
+                rows[q] = row
+            tied = [q for q in tied if len(rows[q]) == limit and order(rows[q][k - 1])[0] == order(rows[q][-1])[0]]
+        return [sorted(row, key=order)[:k] for row in rows]
+
+    def _search_rows(self, vectors: np.ndarray, limit: int, output_fields: list[str]) -> list[list[dict[str, Any]]]:
+        hits: list[list[dict[str, Any]]] = []
+        chunk = self._search_chunk(len(vectors))
+        for start in range(0, len(vectors), chunk):
+            with self._op("search"):
+                hits.extend(self._client.search(
+                    self.collection,
+                    data=list(vectors[start : start + chunk]),
+                    limit=limit,
+                    output_fields=output_fields,
+                    search_params={"metric_type": self.meta.metric, "params": self.index.search_params(limit)},
+                    anns_field=_VECTOR,
+                    consistency_level=self.consistency,
+                    timeout=self.timeout_s,
+                ))
+        return [list(row) for row in hits]
 
     def count(self) -> int:
         """Number of records, read with Strong consistency so it includes every acknowledged upsert."""

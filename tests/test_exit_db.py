@@ -97,6 +97,24 @@ def test_search_is_one_round_trip_for_a_batch(exit_db: ExitDB, monkeypatch: pyte
     assert (np.diff(nb.distances, axis=1) >= -1e-6).all()
 
 
+def test_ties_at_the_kth_place_go_to_the_smallest_ids_whatever_the_batch(exit_db: ExitDB) -> None:
+    """20 exact duplicates (a one-word phrase repeated in a training split) tie for a top 12: Milvus returns
+    tied records in no defined order, so the engine (one query) and an evaluation (one batch) could disagree."""
+    records = make_exit_records(np.arange(80))
+    vectors = records.vectors.copy()
+    dup_ids = np.arange(5, 65, 3)  # 20 ids, not the first ones
+    vectors[dup_ids] = vectors[0] + 0.5
+    exit_db.upsert(ExitRecords(ids=records.ids, vectors=vectors, exit_probs=records.exit_probs,
+                               labels=records.labels, texts=records.texts))
+    others = make_exit_records(np.arange(100, 131)).vectors
+    batch = exit_db.search(np.concatenate([others, vectors[dup_ids[:1]]]), k=12)
+    alone = exit_db.search(vectors[dup_ids[:1]], k=12)
+    np.testing.assert_array_equal(alone.ids[0], np.sort(dup_ids)[:12])  # the tie goes to the smallest ids
+    np.testing.assert_array_equal(batch.ids[-1], alone.ids[0])
+    np.testing.assert_allclose(alone.distances[0], 0.0, atol=1e-6)
+    np.testing.assert_array_equal(exit_db.search(others[:1], k=12).ids[0], batch.ids[0])
+
+
 def test_search_on_empty_batch_and_empty_collection(exit_db: ExitDB) -> None:
     nb = exit_db.search(np.zeros((0, TEST_META.dim), dtype=np.float32), k=3)
     assert nb.ids.shape == (0, 3) and nb.exit_probs.shape == (0, 3, TEST_META.n_layers + 1)
