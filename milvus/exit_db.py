@@ -67,6 +67,7 @@ _ID, _VECTOR, _PROBS, _LABEL, _TEXT = "id", "vector", "exit_probs", "label", "te
 _LAYER_PROBS = "layer_probs"  # (L+1) * C floats, flattened; empty when a record was written without them
 _MAX_ARRAY = 4096  # Milvus' ARRAY max_capacity limit
 _MAX_K = 16384  # Milvus' topk limit
+TIE_TOLERANCE = 1e-6  # neighbour distances closer than this are a tie (key noise between batches: ~1e-7)
 # Blobs (a trained exit head's weights) live in a companion collection "<collection>__blobs" as base64 chunks:
 # collection properties share one metadata record with a size limit on a server, a collection does not.
 BLOB_SUFFIX = "__blobs"
@@ -406,7 +407,8 @@ class ExitDB:
         """Top-k neighbours of every query in ONE round trip: d[i, j] = distance(vectors[i], key of ids[i, j]).
 
         vectors (N, D) float32 -> Neighbours with (N, K) ids/distances/labels and (N, K, L+1) exit_probs,
-        ascending distance, padded with id -1 / distance +inf where fewer than k records exist.
+        ascending distance (distances within TIE_TOLERANCE ordered by id), padded with id -1 / distance +inf
+        where fewer than k records exist. A query whose tie crosses the k-th place costs one wider search.
         (On Milvus Lite with FLAT, large batches over many rows are split into in-process calls to bound
         Lite's memory; there is no network round trip to save there.)
         """
@@ -450,26 +452,36 @@ class ExitDB:
         )
 
     def _search_hits(self, vectors: np.ndarray, k: int, output_fields: list[str]) -> list[list[dict[str, Any]]]:
-        """Each query's k nearest hits, ordered by (distance, id): the same answer whatever the batch.
+        """Each query's k nearest hits, ties broken by id: the same neighbours whatever the batch.
 
-        Records at equal distance (exact duplicates in the training data) come back from Milvus in no defined
-        order, so which of them make the top k could differ between a batch search and a single one. One hit
-        more than k shows whether a tie crosses the k-th place; only those queries are searched again, wider,
-        until the tie is inside the window, and the smallest ids win it."""
-        rows = self._search_rows(vectors, min(k + 1, _MAX_K), output_fields)
-        sign = 1.0 if self.meta.metric == "L2" else -1.0  # Milvus returns similarities for COSINE and IP
-
-        def order(hit: dict[str, Any]) -> tuple[float, int]:
-            return sign * hit["distance"], hit["id"]
-
+        Duplicate training texts (MPQA holds "wants" 20 times) give records at one distance, or at distances
+        that differ only by the key encoder's float noise (a text's key changes by ~1e-7 with the padding of
+        its batch). Milvus returns such ties in no defined order, so which of them make the top k differed
+        between an evaluation's batch search and the engine's. Distances within TIE_TOLERANCE of each other
+        are one tie, ordered by id. One hit more than k shows whether a tie crosses the k-th place; only those
+        queries are searched again, wider, until the whole tie is in the window."""
         limit = min(k + 1, _MAX_K)
-        tied = [q for q, row in enumerate(rows) if len(row) > k and order(row[k - 1])[0] == order(row[k])[0]]
+        rows = [self._tie_order(row) for row in self._search_rows(vectors, limit, output_fields)]
+        tied = [q for q, (row, group) in enumerate(rows) if len(row) > k and group[k - 1] == group[k]]
         while tied and limit < _MAX_K:
             limit = min(4 * limit, _MAX_K)
             for q, row in zip(tied, self._search_rows(vectors[tied], limit, output_fields), strict=True):
-                rows[q] = row
-            tied = [q for q in tied if len(rows[q]) == limit and order(rows[q][k - 1])[0] == order(rows[q][-1])[0]]
-        return [sorted(row, key=order)[:k] for row in rows]
+                rows[q] = self._tie_order(row)
+            tied = [q for q in tied if len(rows[q][0]) == limit and rows[q][1][k - 1] == rows[q][1][-1]]
+        return [row[:k] for row, _ in rows]
+
+    def _tie_order(self, row: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], np.ndarray]:
+        """Hits sorted by (tie group, id) and each one's tie group: consecutive distances closer than
+        TIE_TOLERANCE share a group."""
+        if not row:
+            return row, np.zeros(0, dtype=np.int64)
+        sign = 1.0 if self.meta.metric == "L2" else -1.0  # Milvus returns similarities for COSINE and IP
+        d = sign * np.array([hit["distance"] for hit in row], dtype=np.float64)
+        by_distance = np.argsort(d, kind="stable")
+        group = np.concatenate([[0], np.cumsum(np.diff(d[by_distance]) > TIE_TOLERANCE)]).astype(np.int64)
+        ids = np.array([row[i]["id"] for i in by_distance], dtype=np.int64)
+        order = np.lexsort((ids, group))
+        return [row[by_distance[i]] for i in order], group[order]
 
     def _search_rows(self, vectors: np.ndarray, limit: int, output_fields: list[str]) -> list[list[dict[str, Any]]]:
         hits: list[list[dict[str, Any]]] = []

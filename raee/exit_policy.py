@@ -23,10 +23,13 @@ from raee.records import Neighbours
 # Float rounding that a distance of an exact duplicate carries (1 - cos in float32 gives -1.2e-7; Milvus'
 # squared L2 of a stored key against itself gives 0 or ~1e-7 depending on the query batch). Distances in
 # [-_DUPLICATE_ATOL, 0) count as 0; anything more negative is a caller bug. A positive distance counts as 0
-# when it is within _DUPLICATE_RTOL of the row's largest valid distance: relative, so scaling all distances
-# never changes which neighbours are duplicates.
+# when it is within _DUPLICATE_RTOL of the row's largest valid distance (relative, so scaling all distances
+# never changes which neighbours are duplicates), or below _DUPLICATE_FLOOR: a row of nothing but duplicates
+# (MPQA's test "wants" has 20 in train) has no larger distance to be relative to, and its ~1e-12 rounding
+# noise, which differs with the query's batch, would otherwise weight the duplicates differently per batch.
 _DUPLICATE_ATOL = 1e-5
 _DUPLICATE_RTOL = 1e-5
+_DUPLICATE_FLOOR = 1e-6
 # Scores are summed in float64; two layers whose scores agree to this relative tolerance are a tie
 # (earliest wins), so summation order (a permutation of the neighbours) can never change the exit.
 _TIE_RTOL = 1e-9
@@ -93,7 +96,7 @@ def neighbour_weights(distances: np.ndarray, *, valid: np.ndarray | None = None)
             raise ValueError(f"valid has shape {valid.shape}, distances {d.shape}")
         ok &= valid
     scale = np.where(ok, d, 0.0).max(axis=1, keepdims=True) if d.shape[1] else np.zeros((d.shape[0], 1))
-    d = np.where(d <= _DUPLICATE_RTOL * scale, 0.0, d)  # rounding above 0 on duplicates: same query, same 0
+    d = np.where(d <= np.maximum(_DUPLICATE_RTOL * scale, _DUPLICATE_FLOOR), 0.0, d)  # rounding on duplicates
     d = np.where(ok, d, np.inf)  # (N, K) padding sits at +inf
     d_min = d.min(axis=1, keepdims=True) if d.shape[1] else np.full((d.shape[0], 1), np.inf)  # (N, 1)
     # d == d_min gives exactly 1 (this also settles 0/0 for duplicates); elsewhere min/d, and 0 for

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from milvus.exit_db import (
+    TIE_TOLERANCE,
     BuildVariant,
     ExitDB,
     ExitDBError,
@@ -104,14 +105,15 @@ def test_ties_at_the_kth_place_go_to_the_smallest_ids_whatever_the_batch(exit_db
     vectors = records.vectors.copy()
     dup_ids = np.arange(5, 65, 3)  # 20 ids, not the first ones
     vectors[dup_ids] = vectors[0] + 0.5
+    vectors[dup_ids[0], 3] += 3e-4  # a duplicate whose key differs by float noise: distance 9e-8, still a tie
     exit_db.upsert(ExitRecords(ids=records.ids, vectors=vectors, exit_probs=records.exit_probs,
                                labels=records.labels, texts=records.texts))
     others = make_exit_records(np.arange(100, 131)).vectors
-    batch = exit_db.search(np.concatenate([others, vectors[dup_ids[:1]]]), k=12)
-    alone = exit_db.search(vectors[dup_ids[:1]], k=12)
+    batch = exit_db.search(np.concatenate([others, vectors[dup_ids[1:2]]]), k=12)
+    alone = exit_db.search(vectors[dup_ids[1:2]], k=12)
     np.testing.assert_array_equal(alone.ids[0], np.sort(dup_ids)[:12])  # the tie goes to the smallest ids
     np.testing.assert_array_equal(batch.ids[-1], alone.ids[0])
-    np.testing.assert_allclose(alone.distances[0], 0.0, atol=1e-6)
+    np.testing.assert_allclose(alone.distances[0], 0.0, atol=TIE_TOLERANCE)
     np.testing.assert_array_equal(exit_db.search(others[:1], k=12).ids[0], batch.ids[0])
 
 
@@ -253,7 +255,7 @@ def test_hnsw_index_applies_ef_and_reopens(exit_db_uri: str, exit_db_collection:
         real_search = db._client.search
         monkeypatch.setattr(db._client, "search", lambda *a, **kw: calls.append(kw) or real_search(*a, **kw))
         nb = db.search(make_exit_records(np.arange(5)).vectors, k=12)
-        assert calls[0]["search_params"]["params"] == {"ef": 12}  # ef raised to k
+        assert calls[0]["search_params"]["params"] == {"ef": 13}  # ef raised to k + 1 (the hit that shows ties)
         np.testing.assert_array_equal(nb.ids[:, 0], np.arange(5))
     with ExitDB(exit_db_uri, collection=exit_db_collection, meta=TEST_META, token=exit_db_token) as db:
         assert db.index.kind == "HNSW" and db.index.m == 8  # index=None adopts what was built

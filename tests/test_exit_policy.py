@@ -45,6 +45,9 @@ def test_exact_duplicates_take_all_the_weight():
     # engine cross-check of `raee eval`)
     np.testing.assert_array_equal(neighbour_weights(np.array([[-1e-7, 2.0]])), [[1.0, 0.0]])
     np.testing.assert_array_equal(neighbour_weights(np.array([[1.2e-7, 2.0]])), [[1.0, 0.0]])
+    # a row of nothing but duplicates, whose rounding differs with the batch: equal weights all the same
+    np.testing.assert_array_equal(neighbour_weights(np.array([[6.9e-13, 7.6e-13, 7.6e-13]])), [[1.0, 1.0, 1.0]])
+    np.testing.assert_array_equal(neighbour_weights(np.array([[1.1e-12, 1.1e-12, 1.2e-12]])), [[1.0, 1.0, 1.0]])
 
 
 def test_neighbour_weights_valid_mask_and_empty_rows():
