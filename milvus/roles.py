@@ -234,6 +234,9 @@ _PRIVILEGE_RPCS: dict[str, tuple[str, str, dict[str, object]]] = {  # privilege 
 }
 
 
+_NOT_YET = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 def _privilege_granted(client: MilvusClient, privilege: str, db_name: str, timeout_s: float) -> bool:
     """Whether the proxy lets the client's token past `privilege`'s check: refused -> not applied yet;
     "collection not found" or any other answer -> applied."""
@@ -243,8 +246,8 @@ def _privilege_granted(client: MilvusClient, privilege: str, db_name: str, timeo
     try:
         metadata = client._generate_call_context().to_grpc_metadata()  # the proxy takes the database from here
         response = getattr(client._get_connection()._stub, method)(request, timeout=timeout_s, metadata=metadata)
-    except grpc.RpcError as exc:
-        return exc.code() != grpc.StatusCode.PERMISSION_DENIED and "permission" not in str(exc.details()).lower()
+    except grpc.RpcError as exc:  # refused, or the server busy or away: not known to be applied, ask again
+        return exc.code() not in _NOT_YET and "permission" not in str(exc.details()).lower()
     return "permission deny" not in str(response).lower()
 
 
