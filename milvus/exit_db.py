@@ -460,14 +460,17 @@ class ExitDB:
         between an evaluation's batch search and the engine's. Distances within TIE_TOLERANCE of each other
         are one tie, ordered by id. One hit more than k shows whether a tie crosses the k-th place; only those
         queries are searched again, wider, until the whole tie is in the window."""
+        def spills(row: list[dict[str, Any]], group: np.ndarray) -> bool:  # the k-th hit's tie fills the window
+            return len(row) == limit and group[k - 1] == group[-1]
+
         limit = min(k + 1, _MAX_K)
         rows = [self._tie_order(row) for row in self._search_rows(vectors, limit, output_fields)]
-        tied = [q for q, (row, group) in enumerate(rows) if len(row) > k and group[k - 1] == group[k]]
+        tied = [q for q, row in enumerate(rows) if spills(*row)]
         while tied and limit < _MAX_K:
             limit = min(4 * limit, _MAX_K)
             for q, row in zip(tied, self._search_rows(vectors[tied], limit, output_fields), strict=True):
                 rows[q] = self._tie_order(row)
-            tied = [q for q in tied if len(rows[q][0]) == limit and rows[q][1][k - 1] == rows[q][1][-1]]
+            tied = [q for q in tied if spills(*rows[q])]
         return [row[:k] for row, _ in rows]
 
     def _tie_order(self, row: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], np.ndarray]:
